@@ -1,0 +1,291 @@
+//! The `export` flags, and how they become a validated [`Job`].
+//!
+//! Everything is parsed and checked here, before any I/O: a bad flag fails in milliseconds,
+//! not after a read session was created. The same struct will back job files, so the flag
+//! names are the configuration keys.
+
+use clap::{Args, ValueEnum};
+
+use crate::Job;
+use crate::encode::{
+    self, Compression, FormatOptions, csv::CsvOptions, csv::NestedMode, parquet::Codec, parquet::ParquetOptions,
+};
+use crate::error::ConfigError;
+use crate::pipeline::{self, FileMode, PipelineOptions};
+use crate::read::SourceConfig;
+use crate::template::{DEFAULT_TEMPLATE, NameTemplate};
+use crate::write::{PutMode, SinkConfig, TargetOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FileModeArg {
+    /// One file series per read stream, uploaded in parallel.
+    PerStream,
+    /// One file series for the whole table.
+    Single,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NestedArg {
+    /// Refuse ARRAY/STRUCT columns, as BigQuery's CSV export does.
+    Error,
+    /// Write ARRAY/STRUCT columns as JSON text.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Source URL: bq://PROJECT.DATASET.TABLE, parquet:///path (file or directory),
+    /// synthetic://?rows=N&streams=K[&seed=S][&flat=true].
+    #[arg(long, value_name = "URL")]
+    pub from: String,
+
+    /// Target URL: dir:///path, sftp://USER@HOST[:PORT]/DIR, null: (discard, for benchmarks).
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+
+    /// Output format: csv, parquet or ndjson.
+    #[arg(long, default_value = "csv")]
+    pub format: String,
+
+    /// csv/ndjson: none, gzip or zstd (default none). parquet: zstd (default), snappy, gzip, none.
+    #[arg(long)]
+    pub compression: Option<String>,
+
+    /// Compression level (gzip 1-12, default 6; zstd 1-22, default 3).
+    #[arg(long, value_name = "N")]
+    pub compression_level: Option<i32>,
+
+    /// per-stream: a file series per read stream, in parallel. single: one file series.
+    #[arg(long, value_enum, default_value = "per-stream")]
+    pub file_mode: FileModeArg,
+
+    /// Start a new file when this size would be exceeded (e.g. 1GiB, 500MB, 1048576).
+    #[arg(long, default_value = "1GiB", value_name = "SIZE")]
+    pub max_file_bytes: String,
+
+    /// Start a new file after this many rows.
+    #[arg(long, value_name = "N")]
+    pub max_file_rows: Option<u64>,
+
+    /// File names: {prefix} {stream} {seq} {date} {ext}, numbers padded as {seq:05}.
+    #[arg(long, default_value = DEFAULT_TEMPLATE, value_name = "TEMPLATE")]
+    pub name_template: String,
+
+    /// {prefix} in file names (default: the table or file name).
+    #[arg(long)]
+    pub prefix: Option<String>,
+
+    /// Replace files that already exist in the target (refused by default).
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Name of the manifest written after all files.
+    #[arg(long, default_value = crate::manifest::DEFAULT_MANIFEST_NAME, value_name = "NAME")]
+    pub manifest: String,
+
+    /// Do not write a manifest.
+    #[arg(long, conflicts_with = "manifest")]
+    pub no_manifest: bool,
+
+    /// Write an empty _SUCCESS marker after the manifest.
+    #[arg(long)]
+    pub success_marker: bool,
+
+    /// Create the target directory when it does not exist.
+    #[arg(long)]
+    pub create_dirs: bool,
+
+    /// Suffix of files being uploaded, renamed away on completion.
+    #[arg(long, default_value = crate::write::DEFAULT_PARTIAL_SUFFIX, value_name = "SUFFIX")]
+    pub partial_suffix: String,
+
+    /// CSV field delimiter: one character, or "tab".
+    #[arg(long, default_value = ",", value_name = "CHAR")]
+    pub csv_delimiter: String,
+
+    /// CSV: leave out the header row.
+    #[arg(long)]
+    pub no_header: bool,
+
+    /// CSV: text written for NULL (default: an empty field).
+    #[arg(long, default_value = "", value_name = "TEXT")]
+    pub csv_null_marker: String,
+
+    /// CSV: quote every non-NULL field.
+    #[arg(long)]
+    pub csv_quote_all: bool,
+
+    /// CSV: what to do with ARRAY/STRUCT columns.
+    #[arg(long, value_enum, default_value = "error")]
+    pub csv_nested: NestedArg,
+
+    /// Parquet: close a row group once it holds this much encoded data.
+    #[arg(long, default_value = "64MiB", value_name = "SIZE")]
+    pub parquet_row_group_bytes: String,
+
+    /// Streams read and uploaded at once (default: twice the cores, at least 4).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+
+    /// Encoder threads (default: one per core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Rows per encoding job.
+    #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
+    pub chunk_rows: usize,
+}
+
+/// Parses `1GiB`, `512MiB`, `100MB`, `64k`, `1048576`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "ki" | "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mi" | "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gi" | "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "ti" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    let v = num * mult as f64;
+    (1.0..1.8e19).contains(&v).then_some(v as u64)
+}
+
+fn size(flag: &str, value: &str) -> Result<u64, ConfigError> {
+    parse_size(value).ok_or_else(|| {
+        ConfigError::invalid(format!("--{flag} {value}"), "not a size; use e.g. 1GiB, 500MB or a byte count")
+    })
+}
+
+fn delimiter(value: &str) -> Result<u8, ConfigError> {
+    let d = match value {
+        "tab" | "\\t" | "\t" => b'\t',
+        v if v.len() == 1 => v.as_bytes()[0],
+        _ => {
+            return Err(ConfigError::invalid(
+                format!("--csv-delimiter {value}"),
+                "must be one ASCII character or 'tab'",
+            ));
+        }
+    };
+    if matches!(d, b'"' | b'\n' | b'\r') {
+        return Err(ConfigError::invalid(format!("--csv-delimiter {value}"), "cannot be a quote or a line break"));
+    }
+    Ok(d)
+}
+
+impl ExportArgs {
+    /// Validates every flag and builds the job. No I/O happens here.
+    pub fn to_job(&self) -> Result<Job, ConfigError> {
+        let source = SourceConfig::parse(&self.from)?;
+        let target = SinkConfig::parse(&self.to)?;
+        let format = encode::format(&self.format)?;
+
+        let mut format_options = FormatOptions {
+            csv: CsvOptions {
+                delimiter: delimiter(&self.csv_delimiter)?,
+                header: !self.no_header,
+                null: self.csv_null_marker.clone(),
+                quote_all: self.csv_quote_all,
+                nested: match self.csv_nested {
+                    NestedArg::Error => NestedMode::Error,
+                    NestedArg::Json => NestedMode::Json,
+                },
+            },
+            parquet: ParquetOptions {
+                row_group_bytes: size("parquet-row-group-bytes", &self.parquet_row_group_bytes)? as usize,
+                ..Default::default()
+            },
+        };
+        if self.csv_null_marker.contains(['\n', '\r', '"'])
+            || self.csv_null_marker.as_bytes().contains(&format_options.csv.delimiter)
+        {
+            return Err(ConfigError::invalid(
+                "--csv-null-marker",
+                "cannot contain the delimiter, a quote or a line break",
+            ));
+        }
+        let compression = if format.internal_compression {
+            format_options.parquet.codec =
+                Codec::parse(self.compression.as_deref().unwrap_or("zstd"), self.compression_level)?;
+            Compression::None
+        } else {
+            Compression::parse(self.compression.as_deref().unwrap_or("none"), self.compression_level)?
+        };
+        if self.compression_level.is_some() && compression == Compression::None && !format.internal_compression {
+            return Err(ConfigError::invalid("--compression-level", "needs --compression gzip or zstd"));
+        }
+
+        let template = NameTemplate::parse(&self.name_template)?;
+        let prefix = self.prefix.clone().unwrap_or_else(|| source.default_prefix());
+        if prefix.contains(['/', '\\', '\0']) {
+            return Err(ConfigError::invalid(
+                format!("--prefix {prefix}"),
+                "file names cannot contain '/', '\\' or NUL",
+            ));
+        }
+        if self.partial_suffix.is_empty() || self.partial_suffix.contains('/') {
+            return Err(ConfigError::invalid("--partial-suffix", "must be non-empty and contain no '/'"));
+        }
+        if self.max_file_rows == Some(0) {
+            return Err(ConfigError::invalid("--max-file-rows", "must be at least 1"));
+        }
+        if self.chunk_rows == 0 || self.concurrency == Some(0) || self.threads == Some(0) {
+            return Err(ConfigError::invalid("--chunk-rows/--concurrency/--threads", "must be at least 1"));
+        }
+
+        let mut pipeline = PipelineOptions::new(format, template, prefix);
+        pipeline.format_options = format_options;
+        pipeline.compression = compression;
+        pipeline.file_mode = match self.file_mode {
+            FileModeArg::PerStream => FileMode::PerStream,
+            FileModeArg::Single => FileMode::Single,
+        };
+        pipeline.max_file_bytes = size("max-file-bytes", &self.max_file_bytes)?;
+        pipeline.max_file_rows = self.max_file_rows;
+        pipeline.put_mode = if self.overwrite { PutMode::Overwrite } else { PutMode::Create };
+        pipeline.manifest_name = (!self.no_manifest).then(|| self.manifest.clone());
+        pipeline.success_marker = self.success_marker.then(|| crate::manifest::DEFAULT_SUCCESS_NAME.to_string());
+        if let Some(c) = self.concurrency {
+            pipeline.concurrency = c;
+        }
+        if let Some(t) = self.threads {
+            pipeline.threads = t;
+        }
+        pipeline.chunk_rows = self.chunk_rows;
+
+        let target_options =
+            TargetOptions { create_dirs: self.create_dirs, partial_suffix: self.partial_suffix.clone() };
+        Ok(Job { source, target, target_options, pipeline })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("500MB"), Some(500_000_000));
+        assert_eq!(parse_size("1.5k"), Some(1500));
+        assert_eq!(parse_size("1048576"), Some(1_048_576));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("0"), None);
+    }
+
+    #[test]
+    fn delimiters() {
+        assert_eq!(delimiter("tab").unwrap(), b'\t');
+        assert_eq!(delimiter("|").unwrap(), b'|');
+        assert!(delimiter("ab").is_err());
+        assert!(delimiter("\"").is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! Parquet following BigQuery's Parquet export type mapping ("Parquet export details",
+//! docs.cloud.google.com/bigquery/docs/exporting-data; table in
+//! `../shared/reference/bigquery-storage-read-facts.md` §4).
+//!
+//! The Arrow types the Storage Read API sends already map onto that table through arrow-rs's
+//! schema conversion, so no casts are needed:
+//! - NUMERIC `Decimal128(38,9)` and BIGNUMERIC `Decimal256(76,38)` become DECIMAL on
+//!   FIXED_LEN_BYTE_ARRAY (precision above 18 always takes FLBA in arrow-rs);
+//! - DATETIME `Timestamp(µs)` becomes TIMESTAMP(isAdjustedToUTC=false, MICROS); TIME becomes
+//!   TIME(MICROS); DATE is INT32 DATE; STRING (and GEOGRAPHY/JSON text) is BYTE_ARRAY STRING;
+//!   BYTES is plain BYTE_ARRAY;
+//! - TIMESTAMP `Timestamp(µs, UTC)` becomes TIMESTAMP(isAdjustedToUTC=true, MICROS). The export
+//!   page prints `false` for TIMESTAMP too; we keep `true` because a TIMESTAMP is an instant and
+//!   every reader then converts it correctly. Noted in the README;
+//! - ARRAY/STRUCT become repeated fields and groups.
+//!
+//! Memory: the writer holds the open row group encoded in memory, so row groups are capped by
+//! bytes ([`DEFAULT_ROW_GROUP_BYTES`]); a 1 GiB file is many row groups, never 1 GiB of RAM.
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{GzipLevel, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use super::{EncodeError, Encoder, Format};
+use crate::error::ConfigError;
+
+pub const FORMAT: Format = Format {
+    name: "parquet",
+    extension: ".parquet",
+    splittable: false,
+    internal_compression: true,
+    build: |schema, options, _part| Ok(Box::new(Writer::try_new(schema.clone(), &options.parquet)?)),
+};
+
+/// Row groups close once their encoded size reaches this.
+pub const DEFAULT_ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+pub const DEFAULT_GZIP_LEVEL: u32 = 6;
+
+/// Column-chunk compression codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    None,
+    Snappy,
+    Gzip(u32),
+    Zstd(i32),
+}
+
+impl Codec {
+    pub fn parse(name: &str, level: Option<i32>) -> Result<Self, ConfigError> {
+        let bad_level = |range: &str| {
+            ConfigError::invalid("--compression-level", format!("out of range for parquet {name} ({range})"))
+        };
+        Ok(match name {
+            "none" | "uncompressed" => Codec::None,
+            "snappy" => Codec::Snappy,
+            "gzip" | "gz" => {
+                let l = level.unwrap_or(DEFAULT_GZIP_LEVEL as i32);
+                if !(0..=9).contains(&l) {
+                    return Err(bad_level("0-9"));
+                }
+                Codec::Gzip(l as u32)
+            }
+            "zstd" | "zst" => {
+                let l = level.unwrap_or(DEFAULT_ZSTD_LEVEL);
+                if !(1..=22).contains(&l) {
+                    return Err(bad_level("1-22"));
+                }
+                Codec::Zstd(l)
+            }
+            other => {
+                return Err(ConfigError::invalid(
+                    format!("--compression {other}"),
+                    "unknown codec for parquet; use zstd, snappy, gzip or none",
+                ));
+            }
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Codec::None => "none",
+            Codec::Snappy => "snappy",
+            Codec::Gzip(_) => "gzip",
+            Codec::Zstd(_) => "zstd",
+        }
+    }
+
+    fn to_parquet(self) -> Result<parquet::basic::Compression, EncodeError> {
+        use parquet::basic::Compression as C;
+        Ok(match self {
+            Codec::None => C::UNCOMPRESSED,
+            Codec::Snappy => C::SNAPPY,
+            Codec::Gzip(l) => C::GZIP(GzipLevel::try_new(l)?),
+            Codec::Zstd(l) => C::ZSTD(ZstdLevel::try_new(l)?),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParquetOptions {
+    pub codec: Codec,
+    pub row_group_bytes: usize,
+}
+
+impl Default for ParquetOptions {
+    fn default() -> Self {
+        ParquetOptions { codec: Codec::Zstd(DEFAULT_ZSTD_LEVEL), row_group_bytes: DEFAULT_ROW_GROUP_BYTES }
+    }
+}
+
+pub struct Writer {
+    inner: ArrowWriter<Vec<u8>>,
+}
+
+impl Writer {
+    pub fn try_new(schema: SchemaRef, options: &ParquetOptions) -> Result<Self, EncodeError> {
+        let props = WriterProperties::builder()
+            .set_compression(options.codec.to_parquet()?)
+            .set_max_row_group_bytes(Some(options.row_group_bytes.max(1)))
+            .set_created_by(concat!("bq2sftp ", env!("CARGO_PKG_VERSION")).to_string())
+            .build();
+        Ok(Writer { inner: ArrowWriter::try_new(Vec::new(), schema, Some(props))? })
+    }
+}
+
+impl Encoder for Writer {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), EncodeError> {
+        Ok(self.inner.write(batch)?)
+    }
+
+    fn finish(&mut self) -> Result<(), EncodeError> {
+        self.inner.finish()?;
+        Ok(())
+    }
+
+    fn drain_into(&mut self, out: &mut Vec<u8>) {
+        // The writer tracks its own byte offsets, so taking the bytes it already wrote is safe.
+        out.append(self.inner.inner_mut());
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.inner.in_progress_size()
+    }
+}

@@ -1,0 +1,59 @@
+//! bq2sftp: stream BigQuery tables to SFTP (or a local directory) as CSV, Parquet or NDJSON.
+//!
+//! The crate is the whole tool; `main.rs` only parses flags and maps errors to exit codes.
+//! A [`Job`] is a validated configuration (source, target, pipeline options). Running it
+//! opens the source into streams and drives them through [`pipeline`]: read -> encode ->
+//! upload, with bounded queues between stages.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), bq2sftp::Error> {
+//! use clap::Parser;
+//! #[derive(Parser)]
+//! struct Cli {
+//!     #[command(flatten)]
+//!     export: bq2sftp::cli::ExportArgs,
+//! }
+//! let cli = Cli::parse_from(["x", "--from", "synthetic://?rows=1000", "--to", "null:"]);
+//! let report = bq2sftp::run(&cli.export.to_job()?).await?;
+//! println!("{} rows", report.rows);
+//! # Ok(()) }
+//! ```
+
+pub mod cli;
+pub mod encode;
+pub mod error;
+pub mod manifest;
+pub mod pipeline;
+pub mod read;
+pub mod template;
+pub mod write;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub use error::{ConfigError, Error, exit};
+pub use pipeline::{PipelineOptions, Progress, Report};
+
+/// A validated export: what to read, how to encode it, where to write it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub source: read::SourceConfig,
+    pub target: write::SinkConfig,
+    pub target_options: write::TargetOptions,
+    pub pipeline: PipelineOptions,
+}
+
+impl Job {
+    /// Runs the job until done, failed, or `cancel`led.
+    pub async fn run_with(&self, cancel: CancellationToken, progress: Arc<Progress>) -> Result<Report, Error> {
+        let source = self.source.build()?;
+        let sink = self.target.build(&self.target_options)?;
+        pipeline::run(source, sink, self.pipeline.clone(), cancel, progress).await
+    }
+}
+
+/// Runs `job` to completion.
+pub async fn run(job: &Job) -> Result<Report, Error> {
+    job.run_with(CancellationToken::new(), Arc::default()).await
+}

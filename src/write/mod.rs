@@ -1,0 +1,150 @@
+//! Targets: where encoded files go.
+//!
+//! [`Sink`] and [`Upload`] are shaped like object_store's `ObjectStore::put_multipart` and
+//! `MultipartUpload`: `create(name)` starts an upload, `put_part` streams chunks in order,
+//! `complete` publishes the file atomically under its final name, `abort` removes every trace.
+//! A consumer polling the target never sees a half file: uploads go to `NAME.partial` and are
+//! renamed into place once their size is verified.
+//!
+//! Registry: [`SinkConfig::parse`] maps a `--to` URL to a config; `build()` makes the sink.
+
+pub mod dir;
+pub mod null;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::error::ConfigError;
+
+/// What to do when the final name already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Refuse (the default: never clobber a file someone may be reading).
+    Create,
+    /// Replace it atomically.
+    Overwrite,
+}
+
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync {
+    /// Where files go, for logs and the manifest. Never includes secrets.
+    fn describe(&self) -> String;
+
+    /// Checks the target before any row is read: reachable, a directory, writable.
+    async fn check(&self) -> Result<(), WriteError>;
+
+    /// Whether a committed file of this name exists.
+    async fn exists(&self, name: &str) -> Result<bool, WriteError>;
+
+    /// Starts uploading `name`. Nothing is visible under `name` until [`Upload::complete`].
+    async fn create(&self, name: &str, mode: PutMode) -> Result<Box<dyn Upload>, WriteError>;
+}
+
+#[async_trait::async_trait]
+pub trait Upload: Send {
+    /// Appends the next chunk. Returns once the chunk is accepted (it may still be in flight).
+    async fn put_part(&mut self, data: Bytes) -> Result<(), WriteError>;
+
+    /// Makes every chunk durable, checks the size and publishes the file under its name.
+    /// Returns the committed size in bytes.
+    async fn complete(self: Box<Self>) -> Result<u64, WriteError>;
+
+    /// Removes the partial file.
+    async fn abort(self: Box<Self>) -> Result<(), WriteError>;
+}
+
+/// A `--to` URL, parsed but not yet connected.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum SinkConfig {
+    Dir(dir::DirOptions),
+    Null,
+}
+
+impl SinkConfig {
+    /// Parses `dir:///abs/path`, `dir://relative/path`, `null:`.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        if url == "null:" || url == "null://" || url == "null" {
+            return Ok(SinkConfig::Null);
+        }
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(ConfigError::invalid(
+                format!("--to {url}"),
+                "not a target URL; use dir:///path, sftp://user@host/dir or null:",
+            ));
+        };
+        match scheme {
+            "dir" | "file" => Ok(SinkConfig::Dir(dir::DirOptions::new(rest)?)),
+            other => Err(ConfigError::invalid(
+                format!("--to {url}"),
+                format!("unknown target scheme '{other}://'; supported: dir://, null:"),
+            )),
+        }
+    }
+
+    pub fn build(&self, options: &TargetOptions) -> Result<Arc<dyn Sink>, WriteError> {
+        Ok(match self {
+            SinkConfig::Dir(o) => Arc::new(dir::DirSink::new(o.clone(), options.clone())),
+            SinkConfig::Null => Arc::new(null::NullSink::default()),
+        })
+    }
+}
+
+/// Behaviour every sink honours, set by flags rather than by the URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetOptions {
+    /// Create the target directory (and parents) when missing.
+    pub create_dirs: bool,
+    /// Suffix of in-progress uploads.
+    pub partial_suffix: String,
+}
+
+pub const DEFAULT_PARTIAL_SUFFIX: &str = ".partial";
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions { create_dirs: false, partial_suffix: DEFAULT_PARTIAL_SUFFIX.to_string() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    #[error("target directory {path} does not exist; create it or pass --create-dirs")]
+    DirMissing { path: String },
+    #[error("target {path} is not a directory")]
+    NotADirectory { path: String },
+    #[error("permission denied: cannot {op} {path}; check the directory's owner and mode")]
+    PermissionDenied { op: &'static str, path: String },
+    #[error("cannot {op} {path}: {source}")]
+    Io { op: &'static str, path: String, source: std::io::Error },
+    #[error(
+        "{path} already exists; pass --overwrite to replace it, or write elsewhere (another directory or --prefix)"
+    )]
+    Exists { path: String },
+    #[error("{path}: uploaded {actual} bytes but {expected} were sent; the file was not published")]
+    SizeMismatch { path: String, expected: u64, actual: u64 },
+    #[error("{target}: {message}")]
+    Other { target: String, message: String },
+}
+
+impl WriteError {
+    pub fn is_permission(&self) -> bool {
+        match self {
+            WriteError::PermissionDenied { .. } => true,
+            WriteError::Io { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+            _ => false,
+        }
+    }
+
+    /// An I/O error, turned into [`WriteError::PermissionDenied`] when that is what it was.
+    pub fn io(op: &'static str, path: impl Into<String>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            WriteError::PermissionDenied { op, path }
+        } else {
+            WriteError::Io { op, path, source }
+        }
+    }
+}
