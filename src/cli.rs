@@ -134,6 +134,9 @@ pub struct ExportArgs {
     /// Rows per encoding job.
     #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
     pub chunk_rows: usize,
+
+    #[command(flatten)]
+    pub sftp: crate::write::sftp::args::SftpArgs,
 }
 
 /// Parses `1GiB`, `512MiB`, `100MB`, `64k`, `1048576`.
@@ -185,7 +188,8 @@ impl ExportArgs {
     /// Validates every flag and builds the job. No I/O happens here.
     pub fn to_job(&self) -> Result<Job, ConfigError> {
         let source = SourceConfig::parse(&self.from)?;
-        let target = SinkConfig::parse(&self.to)?;
+        let mut target = SinkConfig::parse(&self.to)?;
+        self.sftp.apply(&mut target)?;
         let format = encode::format(&self.format)?;
 
         let mut format_options = FormatOptions {

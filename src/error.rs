@@ -70,6 +70,7 @@ impl Error {
             Error::Encode(e) if e.is_schema_problem() => exit::USAGE,
             Error::Encode(_) => exit::SOURCE,
             Error::Write(e) if e.is_permission() => exit::AUTH,
+            Error::Write(e) if e.is_resumable() => exit::RESUMABLE,
             Error::Write(_) => exit::TARGET,
             Error::Interrupted(_) => exit::RESUMABLE,
             Error::Internal(_) => exit::INTERNAL,

@@ -10,6 +10,7 @@
 
 pub mod dir;
 pub mod null;
+pub mod sftp;
 
 use std::sync::Arc;
 
@@ -60,13 +61,18 @@ pub trait Upload: Send {
 pub enum SinkConfig {
     Dir(dir::DirOptions),
     Null,
+    Sftp(Box<sftp::SftpConfig>),
 }
 
 impl SinkConfig {
-    /// Parses `dir:///abs/path`, `dir://relative/path`, `null:`.
+    /// Parses `dir:///abs/path`, `dir://relative/path`, `null:`, `sftp://user@host[:port]/dir`
+    /// (`sftp:` alone takes everything from flags and the environment).
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         if url == "null:" || url == "null://" || url == "null" {
             return Ok(SinkConfig::Null);
+        }
+        if url == "sftp:" || url.starts_with("sftp://") {
+            return Ok(SinkConfig::Sftp(Box::new(sftp::SftpConfig::from_url(url)?)));
         }
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(ConfigError::invalid(
@@ -78,7 +84,7 @@ impl SinkConfig {
             "dir" | "file" => Ok(SinkConfig::Dir(dir::DirOptions::new(rest)?)),
             other => Err(ConfigError::invalid(
                 format!("--to {url}"),
-                format!("unknown target scheme '{other}://'; supported: dir://, null:"),
+                format!("unknown target scheme '{other}://'; supported: dir://, sftp://, null:"),
             )),
         }
     }
@@ -87,6 +93,7 @@ impl SinkConfig {
         Ok(match self {
             SinkConfig::Dir(o) => Arc::new(dir::DirSink::new(o.clone(), options.clone())),
             SinkConfig::Null => Arc::new(null::NullSink::default()),
+            SinkConfig::Sftp(c) => Arc::new(sftp::SftpSink::new((**c).clone(), options.clone())?),
         })
     }
 }
@@ -127,15 +134,49 @@ pub enum WriteError {
     SizeMismatch { path: String, expected: u64, actual: u64 },
     #[error("{target}: {message}")]
     Other { target: String, message: String },
+    #[error("remote directory {path} not found or not a directory; create it, correct the path, or pass --create-dirs")]
+    RemoteDirMissing { path: String },
+    /// The server's host key is unknown or does not match: refused before authenticating.
+    #[error("sftp: {target}: {message}")]
+    HostKey { target: String, message: String },
+    #[error("sftp: authentication failed on {target}: {message}")]
+    Auth { target: String, message: String },
+    #[error("sftp: cannot connect to {target} ({attempts} attempt(s)): {message}")]
+    Connect { target: String, attempts: u32, message: String },
+    #[error(
+        "sftp: {target}: no {kind} algorithm in common; we offer {ours}; the server offers {theirs}. Pass {flag} with one the server offers"
+    )]
+    Negotiation { target: String, kind: &'static str, ours: String, theirs: String, flag: &'static str },
+    /// The connection dropped and could not be restored within the retry budget. The partial
+    /// file is kept: a later run can resume.
+    #[error(
+        "sftp: connection to {target} lost while writing {path} (acknowledged up to byte {offset}) and not restored after {attempts} attempt(s): {message}; committed files are intact, run again to finish"
+    )]
+    ConnectionLost { target: String, path: String, offset: u64, attempts: u32, message: String },
+    /// An SFTP status the operation cannot live with; the code is shown as a number too.
+    #[error("cannot {op} {path}: the server answered {status}")]
+    Remote { op: &'static str, path: String, code: u32, status: String },
+    #[error(
+        "cannot write {path} at offset {offset}: the server answered {status}; OpenSSH reports a full disk or exhausted quota this way. The partial file is kept ({kept} bytes acknowledged)"
+    )]
+    WriteFailed { path: String, offset: u64, status: String, kept: u64 },
+    #[error("{path}: sha256 on the server is {remote} but the bytes sent hash to {local}; the file was not published")]
+    DigestMismatch { path: String, local: String, remote: String },
 }
 
 impl WriteError {
     pub fn is_permission(&self) -> bool {
         match self {
-            WriteError::PermissionDenied { .. } => true,
+            WriteError::PermissionDenied { .. } | WriteError::HostKey { .. } | WriteError::Auth { .. } => true,
             WriteError::Io { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
             _ => false,
         }
+    }
+
+    /// A transient failure a later run can finish: the connection was lost past the retry
+    /// budget (committed files are intact, the partial file is kept).
+    pub fn is_resumable(&self) -> bool {
+        matches!(self, WriteError::ConnectionLost { .. })
     }
 
     /// An I/O error, turned into [`WriteError::PermissionDenied`] when that is what it was.
