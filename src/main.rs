@@ -50,6 +50,29 @@ enum Command {
     Export(Box<ExportArgs>),
     /// Run a real export of a generated table to a local directory and show the result.
     Demo(DemoArgs),
+    /// Upload local files as they are, with the same publishing and resume rules as export.
+    Put(Box<PutArgs>),
+}
+
+#[derive(clap::Args)]
+struct PutArgs {
+    /// Files to upload; each keeps its file name.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<std::path::PathBuf>,
+    /// Target URL: sftp://USER@HOST[:PORT]/DIR or dir:///path.
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// Replace files that already exist in the target.
+    #[arg(long)]
+    overwrite: bool,
+    /// Create the target directory when it does not exist.
+    #[arg(long)]
+    create_dirs: bool,
+    /// Suffix of files being uploaded, renamed away on completion.
+    #[arg(long, default_value = bq2sftp::write::DEFAULT_PARTIAL_SUFFIX, value_name = "SUFFIX")]
+    partial_suffix: String,
+    #[command(flatten)]
+    sftp: bq2sftp::write::sftp::args::SftpArgs,
 }
 
 #[derive(clap::Args)]
@@ -76,6 +99,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Export(args) => export(&args).await,
             Command::Demo(args) => demo(&args).await,
+            Command::Put(args) => put(&args).await,
         }
     });
     match result {
@@ -193,6 +217,67 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     eprintln!(
         "next: `zcat {}/*.csv.gz | head` to look at the rows; `bq2sftp export --help` for real exports",
         args.out
+    );
+    Ok(())
+}
+
+/// `bq2sftp put`: streams each file to the target in 4 MiB chunks.
+async fn put(args: &PutArgs) -> anyhow::Result<()> {
+    use bq2sftp::write::{PutMode, SinkConfig, TargetOptions};
+    use tokio::io::AsyncReadExt;
+    const CHUNK: usize = 4 << 20;
+
+    let usage = |what: String, problem: String| Error::from(bq2sftp::ConfigError::invalid(what, problem));
+    let mut target = SinkConfig::parse(&args.to).map_err(Error::from)?;
+    args.sftp.apply(&mut target).map_err(Error::from)?;
+    let options = TargetOptions { create_dirs: args.create_dirs, partial_suffix: args.partial_suffix.clone() };
+    let sink = target.build(&options).map_err(Error::from)?;
+    sink.check().await.map_err(Error::from)?;
+    let mode = if args.overwrite { PutMode::Overwrite } else { PutMode::Create };
+    let start = std::time::Instant::now();
+    let mut total = 0u64;
+    for path in &args.files {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| usage(path.display().to_string(), "not a file name".into()))?;
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| usage(path.display().to_string(), format!("cannot open: {e}")))?;
+        let began = std::time::Instant::now();
+        let mut upload = sink.create(&name, mode).await.map_err(Error::from)?;
+        loop {
+            let mut buf = bytes::BytesMut::with_capacity(CHUNK);
+            while buf.len() < CHUNK {
+                match file.read_buf(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = upload.abort().await;
+                        return Err(usage(path.display().to_string(), format!("cannot read: {e}")).into());
+                    }
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            if let Err(e) = upload.put_part(buf.freeze()).await {
+                let _ = upload.abort().await;
+                return Err(Error::from(e).into());
+            }
+        }
+        let bytes = upload.complete().await.map_err(Error::from)?;
+        total += bytes;
+        let secs = began.elapsed().as_secs_f64().max(1e-9);
+        eprintln!("put {name}: {} in {secs:.2}s ({}/s)", human_bytes(bytes), human_bytes((bytes as f64 / secs) as u64));
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    eprintln!(
+        "uploaded {} file(s), {} in {secs:.2}s: {:.1} MB/s to {}",
+        args.files.len(),
+        human_bytes(total),
+        total as f64 / secs / 1e6,
+        sink.describe()
     );
     Ok(())
 }

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod proxy;
+pub mod sshd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
