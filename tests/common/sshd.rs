@@ -235,6 +235,21 @@ impl Sshd {
     }
 }
 
+/// PIDs whose parent is `pid`, from /proc/PID/stat (field 4, after the parenthesised name).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.to_string()))
+                .and_then(|rest| rest.split_whitespace().nth(1).and_then(|pp| pp.parse::<u32>().ok()))
+                == Some(pid)
+        })
+        .collect()
+}
+
 /// Waits until the server answers with its SSH banner, or the process died.
 fn wait_for_banner(port: u16, child: &mut Child) -> bool {
     use std::io::Read;
@@ -254,11 +269,31 @@ fn wait_for_banner(port: u16, child: &mut Child) -> bool {
     false
 }
 
+impl Sshd {
+    /// Stops the server and every connection to it, keeping its files for inspection.
+    /// sshd puts each connection in a session of its own (setsid), so killing the process
+    /// group is not enough: the listener's descendants are found in /proc and killed by PID.
+    pub fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let mut pids = vec![self.child.id()];
+            let mut i = 0;
+            while i < pids.len() {
+                pids.extend(children_of(pids[i]));
+                i += 1;
+            }
+            let mut kill = Command::new("kill");
+            kill.arg("-KILL").arg("--");
+            for pid in &pids {
+                kill.arg(pid.to_string());
+            }
+            let _ = kill.stderr(Stdio::null()).status();
+        }
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Sshd {
     fn drop(&mut self) {
-        // The whole process group: the listener and its per-connection children.
-        let pgid = self.child.id();
-        let _ = Command::new("kill").args(["-TERM", "--", &format!("-{pgid}")]).status();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
