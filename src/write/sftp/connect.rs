@@ -171,7 +171,12 @@ impl Dialer {
     /// Connects, retrying transient failures with exponential backoff: `--sftp-retries`
     /// attempts after the first, waits doubling from `--sftp-retry-wait` up to 30 s.
     pub async fn connect(&self) -> Result<Arc<Conn>, WriteError> {
-        let attempts = self.cfg.retries + 1;
+        self.connect_attempts(self.cfg.retries + 1).await
+    }
+
+    /// [`Dialer::connect`] with its own attempt budget.
+    pub async fn connect_attempts(&self, attempts: u32) -> Result<Arc<Conn>, WriteError> {
+        let attempts = attempts.max(1);
         let mut wait = self.cfg.retry_wait;
         let mut last = String::new();
         for attempt in 1..=attempts {

@@ -230,6 +230,7 @@ impl Sink for SftpSink {
 
     async fn check(&self) -> Result<(), WriteError> {
         let s = &self.shared;
+        s.pool.warm_up().await?;
         let dir = s.cfg.remote_dir().to_string();
         match s.stat(&dir).await {
             Ok(a) if a.is_dir() == Some(false) => return Err(WriteError::RemoteDirMissing { path: s.shown(&dir) }),

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::connect::{Conn, Dialer};
 use super::protocol::{CallError, Status, code};
@@ -24,6 +24,8 @@ struct Slot {
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     /// Open upload handles on this slot, to spread new uploads.
     users: AtomicUsize,
+    /// The server would not take this many connections: the slot is not used.
+    disabled: AtomicBool,
 }
 
 /// A handle's claim on a slot, released when dropped.
@@ -43,7 +45,13 @@ impl Drop for SlotUse {
 impl Pool {
     pub fn new(dialer: Dialer) -> Self {
         let n = dialer.cfg.connections.max(1);
-        let slots = (0..n).map(|_| Slot { conn: tokio::sync::Mutex::new(None), users: AtomicUsize::new(0) }).collect();
+        let slots = (0..n)
+            .map(|_| Slot {
+                conn: tokio::sync::Mutex::new(None),
+                users: AtomicUsize::new(0),
+                disabled: AtomicBool::new(false),
+            })
+            .collect();
         Pool { dialer, slots }
     }
 
@@ -51,6 +59,7 @@ impl Pool {
     pub fn claim(self: &Arc<Self>, exclude: &[usize]) -> SlotUse {
         let pick = |skip: bool| {
             (0..self.slots.len())
+                .filter(|i| !self.slots[*i].disabled.load(Ordering::Relaxed))
                 .filter(|i| !skip || !exclude.contains(i))
                 .min_by_key(|i| self.slots[*i].users.load(Ordering::Relaxed))
         };
@@ -59,8 +68,43 @@ impl Pool {
         SlotUse { pool: self.clone(), slot }
     }
 
+    /// Slots in use (all, unless the server refused some connections at warm-up).
     pub fn slots(&self) -> usize {
-        self.slots.len()
+        self.slots.iter().filter(|s| !s.disabled.load(Ordering::Relaxed)).count().max(1)
+    }
+
+    /// Opens every slot's connection at once, so that uploads (and a large file striping
+    /// over them) do not wait for handshakes, each several round trips to a far server.
+    /// Slot 0 must connect; a server that refuses further connections (per-user limits are
+    /// common on managed SFTP services) gets fewer, with a warning.
+    pub async fn warm_up(&self) -> Result<(), WriteError> {
+        self.get(0).await?;
+        let extra = (1..self.slots.len()).map(|i| async move {
+            let s = &self.slots[i];
+            let mut current = s.conn.lock().await;
+            if current.as_ref().is_some_and(|c| !c.is_dead()) {
+                return None;
+            }
+            match self.dialer.connect_attempts(1).await {
+                Ok(c) => {
+                    *current = Some(c);
+                    None
+                }
+                Err(e) => {
+                    s.disabled.store(true, Ordering::Relaxed);
+                    Some(e)
+                }
+            }
+        });
+        let failed: Vec<WriteError> = futures::future::join_all(extra).await.into_iter().flatten().collect();
+        if let Some(e) = failed.first() {
+            tracing::warn!(
+                "sftp: only {} of {} connections could be opened ({e}); continuing with fewer",
+                self.slots(),
+                self.slots.len()
+            );
+        }
+        Ok(())
     }
 
     /// A live connection for `slot`, connecting (with bounded retries) when there is none.

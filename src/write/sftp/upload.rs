@@ -314,65 +314,87 @@ impl Driver {
         let offset = self.sent;
         self.sent += piece.len() as u64;
         self.outstanding.insert(offset, piece.len());
-        self.send(lane, offset, piece).await;
+        self.send(lane, offset, piece);
         Ok(())
     }
 
     async fn pick_lane(&mut self) -> usize {
-        let (best, busy) =
-            self.lanes.iter().enumerate().map(|(i, l)| (i, l.inflight)).min_by_key(|(_, n)| *n).unwrap_or((0, 0));
+        let (best, busy) = self
+            .lanes
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, l.inflight))
+            .min_by_key(|(_, n)| *n)
+            .unwrap_or((0, 0));
         let per_lane = (self.window / self.max_lanes.max(1)).max(1);
         if busy >= per_lane && self.lanes.len() < self.max_lanes && self.sent >= STRIPE_AFTER {
-            match self.open_lane().await {
-                Ok(i) => return i,
-                Err(e) => {
-                    tracing::warn!(file = %self.name, "sftp: cannot open another channel for this file, continuing on {}: {e}", self.lanes.len());
-                    self.max_lanes = self.lanes.len();
-                }
-            }
+            self.open_lanes().await;
+            return self.lanes.len() - 1;
         }
         best
     }
 
-    /// Opens the file on another connection (it exists: no create, no truncate).
-    async fn open_lane(&mut self) -> Result<usize, WriteError> {
-        let taken: Vec<usize> = self.lanes.iter().map(|l| l.slot.slot).collect();
-        let slot = self.shared.pool.claim(&taken);
-        let path = self.path.clone();
-        let (conn, handle) = self
-            .shared
-            .pool
-            .run(slot.slot, "open", |c| {
-                let p = path.clone();
-                async move {
-                    let h = c.sftp.open(&p, open::WRITE).await?;
-                    Ok((c, h))
+    /// Opens the file on every other connection at once (one round trip in all). The file
+    /// exists: no create, no truncate. A connection that cannot take it is left out.
+    async fn open_lanes(&mut self) {
+        let mut taken: Vec<usize> = self.lanes.iter().map(|l| l.slot.slot).collect();
+        let mut claims = Vec::new();
+        for _ in self.lanes.len()..self.max_lanes {
+            let claim = self.shared.pool.claim(&taken);
+            taken.push(claim.slot);
+            claims.push(claim);
+        }
+        let opens = claims.into_iter().map(|slot| {
+            let (shared, path) = (self.shared.clone(), self.path.clone());
+            async move {
+                let opened = shared
+                    .pool
+                    .run(slot.slot, "open", |c| {
+                        let p = path.clone();
+                        async move {
+                            let h = c.sftp.open(&p, open::WRITE).await?;
+                            Ok((c, h))
+                        }
+                    })
+                    .await;
+                (slot, opened)
+            }
+        });
+        for (slot, opened) in futures::future::join_all(opens).await {
+            match opened {
+                Ok((conn, handle)) => {
+                    self.write_len = self.write_len.min(conn.write_len);
+                    self.lanes.push(Lane { slot, conn, handle, generation: 0, inflight: 0 });
                 }
-            })
-            .await
-            .map_err(|e| e.into_write("open", self.shown(&self.path)))?;
-        self.write_len = self.write_len.min(conn.write_len);
-        tracing::debug!(file = %self.name, lanes = self.lanes.len() + 1, slot = slot.slot, "sftp: striping over another connection");
-        self.lanes.push(Lane { slot, conn, handle, generation: 0, inflight: 0 });
-        Ok(self.lanes.len() - 1)
+                Err(e) => {
+                    let e = e.into_write("open", self.shown(&self.path));
+                    tracing::warn!(file = %self.name, "sftp: cannot open the file on another connection: {e}");
+                }
+            }
+        }
+        tracing::debug!(file = %self.name, lanes = self.lanes.len(), "sftp: striping over connections");
+        self.max_lanes = self.lanes.len();
     }
 
-    /// Hands one write to a lane's connection. A failure to send is an acknowledgement
-    /// that says "lost", handled like any other.
-    async fn send(&mut self, lane: usize, offset: u64, data: Bytes) {
+    /// Queues one write on a lane. The send happens inside the acknowledgement future, so a
+    /// lane waiting for its SSH window never holds up the others (head-of-line blocking
+    /// would serialise the channels a striped file depends on). A failure to send is an
+    /// acknowledgement that says "lost", handled like any other.
+    fn send(&mut self, lane: usize, offset: u64, data: Bytes) {
         let l = &mut self.lanes[lane];
         l.inflight += 1;
-        let (conn, generation) = (l.conn.clone(), l.generation);
-        let req = Request::new(fxp::WRITE).string(&l.handle).u64(offset).data(data.clone());
-        let ack = match conn.sftp.send(req).await {
-            Ok(rx) => async move {
-                let result = rx.await.map_err(|_| conn.sftp.lost());
+        let (conn, generation, handle) = (l.conn.clone(), l.generation, l.handle.clone());
+        self.inflight.push(
+            async move {
+                let req = Request::new(fxp::WRITE).string(&handle).u64(offset).data(data.clone());
+                let result = match conn.sftp.send(req).await {
+                    Ok(rx) => rx.await.map_err(|_| conn.sftp.lost()),
+                    Err(lost) => Err(lost),
+                };
                 Ack { lane, generation, offset, data, result }
             }
             .boxed(),
-            Err(lost) => futures::future::ready(Ack { lane, generation, offset, data, result: Err(lost) }).boxed(),
-        };
-        self.inflight.push(ack);
+        );
     }
 
     async fn handle_ack(&mut self, ack: Ack) -> Result<(), WriteError> {
@@ -392,7 +414,7 @@ impl Driver {
                 if ack.generation == self.lanes[ack.lane].generation {
                     self.recover(ack.lane, &lost).await?;
                 }
-                self.send(ack.lane, ack.offset, ack.data).await;
+                self.send(ack.lane, ack.offset, ack.data);
                 Ok(())
             }
         }
