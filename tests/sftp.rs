@@ -99,7 +99,8 @@ async fn key_types_rsa_ecdsa_and_an_encrypted_key() {
     let mut cfg = sshd.config("");
     cfg.identity = Some(keys.path().join("enc"));
     cfg.passphrase = Some(Secret::new("wrong"));
-    let err = bq2sftp::write::sftp::SftpSink::new(cfg, TargetOptions::default()).err().expect("a wrong passphrase fails");
+    let err =
+        bq2sftp::write::sftp::SftpSink::new(cfg, TargetOptions::default()).err().expect("a wrong passphrase fails");
     assert!(err.is_permission() && err.to_string().contains("wrong passphrase"), "{err}");
 
     let stranger = sshd::keygen(keys.path(), "stranger", "ed25519", "");
@@ -150,7 +151,8 @@ async fn a_changed_host_key_is_refused_before_authenticating() {
     let err = try_upload(sink(&sshd, cfg), "mitm.txt").await.unwrap_err();
     assert!(matches!(err, WriteError::HostKey { .. }) && err.is_permission(), "{err:?}");
     let text = err.to_string();
-    let expected = std::process::Command::new("ssh-keygen").arg("-lf").arg(other.with_extension("pub")).output().unwrap();
+    let expected =
+        std::process::Command::new("ssh-keygen").arg("-lf").arg(other.with_extension("pub")).output().unwrap();
     let expected = String::from_utf8_lossy(&expected.stdout).split_whitespace().nth(1).unwrap().to_string();
     assert!(text.contains(&expected) && text.contains(&sshd.fingerprint) && text.contains("does not match"), "{text}");
     assert!(common::files_in(&sshd.root).is_empty(), "nothing was written");
@@ -193,7 +195,10 @@ async fn no_common_cipher_names_both_sides() {
     let err = try_upload(sink(&sshd, cfg), "c.txt").await.unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, WriteError::Negotiation { .. }), "{err:?}");
-    assert!(text.contains("aes128-gcm@openssh.com") && text.contains("aes256-ctr") && text.contains("--ciphers"), "{text}");
+    assert!(
+        text.contains("aes128-gcm@openssh.com") && text.contains("aes256-ctr") && text.contains("--ciphers"),
+        "{text}"
+    );
     let mut cfg = sshd.config("");
     cfg.ciphers = Some("+aes256-ctr".into());
     try_upload(sink(&sshd, cfg), "ctr.txt").await.unwrap();
@@ -485,7 +490,10 @@ fn export_synthetic_csv_gz_to_sftp_through_the_binary() {
         let bytes = std::fs::read(dir.join(name)).unwrap();
         assert_eq!(common::sha256_hex(&bytes), f["sha256"].as_str().unwrap(), "{name}");
         let mut reader = csv::Reader::from_reader(flate2::read::MultiGzDecoder::new(&bytes[..]));
-        rows += reader.records().map(|r| r.unwrap()).count();
+        for record in reader.records() {
+            record.unwrap();
+            rows += 1;
+        }
     }
     assert_eq!(rows, 50000);
 

@@ -176,7 +176,8 @@ impl Sshd {
                 let known_hosts = d.join("known_hosts");
                 let host_pub = public_key(&host_key);
                 let mut parts = host_pub.split_whitespace();
-                let line = format!("[127.0.0.1]:{port} {} {}\n", parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let line =
+                    format!("[127.0.0.1]:{port} {} {}\n", parts.next().unwrap_or(""), parts.next().unwrap_or(""));
                 std::fs::write(&known_hosts, line).expect("known_hosts");
                 return Sshd { port, root, user, user_key, known_hosts, fingerprint, dir, child };
             }
@@ -230,7 +231,8 @@ impl Sshd {
     /// Appends a public key to `authorized_keys` (read on every login).
     pub fn authorize(&self, private_key: &Path) {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(self.dir.path().join("authorized_keys")).expect("open");
+        let mut f =
+            std::fs::OpenOptions::new().append(true).open(self.dir.path().join("authorized_keys")).expect("open");
         f.write_all(public_key(private_key).as_bytes()).expect("append");
     }
 }

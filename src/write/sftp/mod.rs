@@ -103,13 +103,17 @@ impl Shared {
     }
 
     pub async fn remove_if_present(&self, path: &str) -> Result<(), WriteError> {
-        let removed = self
-            .pool
-            .run(0, "remove", |c| {
-                let p = path.to_string();
-                async move { c.sftp.remove(&p).await }
-            })
-            .await;
+        self.remove(path, false).await
+    }
+
+    /// Removes `path` if it exists; `quick` makes one attempt only (cleanup on the way out).
+    pub async fn remove(&self, path: &str, quick: bool) -> Result<(), WriteError> {
+        let op = |c: Arc<connect::Conn>| {
+            let p = path.to_string();
+            async move { c.sftp.remove(&p).await }
+        };
+        let removed =
+            if quick { self.pool.run_once(0, "remove", op).await } else { self.pool.run(0, "remove", op).await };
         match removed {
             Err(e) if !e.is_not_found() => Err(e.into_write("remove", self.shown(path))),
             _ => Ok(()),

@@ -109,6 +109,10 @@ impl Pool {
 
     /// A live connection for `slot`, connecting (with bounded retries) when there is none.
     pub async fn get(&self, slot: usize) -> Result<Arc<Conn>, WriteError> {
+        self.get_with(slot, self.dialer.cfg.retries + 1).await
+    }
+
+    async fn get_with(&self, slot: usize, connect_attempts: u32) -> Result<Arc<Conn>, WriteError> {
         let Some(s) = self.slots.get(slot) else {
             return Err(WriteError::Other {
                 target: self.dialer.target(),
@@ -124,7 +128,7 @@ impl Pool {
         if let Some(old) = current.take() {
             tracing::info!(serial = old.serial, slot, "sftp: reconnecting");
         }
-        let fresh = self.dialer.connect().await?;
+        let fresh = self.dialer.connect_attempts(connect_attempts).await?;
         *current = Some(fresh.clone());
         Ok(fresh)
     }
@@ -137,9 +141,34 @@ impl Pool {
         Fut: Future<Output = Result<T, CallError>>,
     {
         let attempts = self.dialer.cfg.retries + 1;
+        self.run_with(slot, what, attempts, attempts, op).await
+    }
+
+    /// One try, one connection attempt: for cleanup on the way out (an aborted job must not
+    /// wait through a full backoff schedule to remove a partial file from a dead server).
+    pub async fn run_once<T, F, Fut>(&self, slot: usize, what: &str, op: F) -> Result<T, PoolError>
+    where
+        F: Fn(Arc<Conn>) -> Fut,
+        Fut: Future<Output = Result<T, CallError>>,
+    {
+        self.run_with(slot, what, 1, 1, op).await
+    }
+
+    async fn run_with<T, F, Fut>(
+        &self,
+        slot: usize,
+        what: &str,
+        attempts: u32,
+        connect_attempts: u32,
+        op: F,
+    ) -> Result<T, PoolError>
+    where
+        F: Fn(Arc<Conn>) -> Fut,
+        Fut: Future<Output = Result<T, CallError>>,
+    {
         let mut last = String::new();
         for attempt in 1..=attempts {
-            let conn = self.get(slot).await.map_err(PoolError::Write)?;
+            let conn = self.get_with(slot, connect_attempts).await.map_err(PoolError::Write)?;
             match op(conn).await {
                 Ok(v) => return Ok(v),
                 Err(CallError::Lost(l)) => {

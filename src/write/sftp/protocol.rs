@@ -13,8 +13,10 @@
 //! waiting out its own timeout.
 //!
 //! Shape: one reader task per channel parses replies and completes the matching request by id
-//! (draft-02 section 3: replies may come in any order); senders serialise on the channel's
-//! write half, so a request's header and payload are never interleaved with another's.
+//! (draft-02 section 3: replies may come in any order); one writer task per channel sends
+//! requests from a queue, whole, in order. A caller that gives up (an aborted upload drops
+//! its futures) only stops waiting: it can never leave half a packet on the channel, which
+//! would desynchronise the stream for every other file sharing the connection.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use russh::client::Msg;
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Packet types (draft-02 section 3).
@@ -338,7 +340,9 @@ impl Shared {
 
 /// One SFTP session on one SSH channel. Requests may be issued concurrently from many tasks.
 pub struct Session {
-    writer: tokio::sync::Mutex<ChannelWriteHalf<Msg>>,
+    /// Whole requests (header, payload) for the writer task. Unbounded: what is in flight is
+    /// bounded by each upload's window of requests, not here.
+    queue: mpsc::UnboundedSender<(Bytes, Option<Bytes>)>,
     shared: Arc<Shared>,
     next_id: AtomicU32,
     /// Extensions from SSH_FXP_VERSION (OpenSSH PROTOCOL: name and version string pairs).
@@ -400,13 +404,9 @@ impl Session {
             last_progress: Mutex::new(Instant::now()),
         });
         tokio::spawn(read_loop(rx, shared.clone(), buf));
-        let mut session = Session {
-            writer: tokio::sync::Mutex::new(tx),
-            shared,
-            next_id: AtomicU32::new(1),
-            extensions,
-            limits: None,
-        };
+        let (queue, requests) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(tx, requests, shared.clone()));
+        let mut session = Session { queue, shared, next_id: AtomicU32::new(1), extensions, limits: None };
         if session.has_extension(ext::LIMITS) {
             match session.call(Request::new(fxp::EXTENDED).string(ext::LIMITS)).await {
                 Ok(Reply::Extended(mut data)) if data.len() >= 32 => {
@@ -428,29 +428,15 @@ impl Session {
         self.extensions.iter().any(|(n, _)| n == name)
     }
 
-    /// Sends a request; the receiver completes with its reply. Returns once the request is
-    /// handed to the SSH session (which may wait for the channel window).
-    pub async fn send(&self, req: Request) -> Result<oneshot::Receiver<Reply>, Lost> {
+    /// Queues a request; the receiver completes with its reply, or fails when the channel
+    /// is gone.
+    pub fn send(&self, req: Request) -> Result<oneshot::Receiver<Reply>, Lost> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.shared.register(id, tx)?;
-        let (head, payload) = req.seal(id);
-        let sent = tokio::select! {
-            // A dead connection never opens the window again: do not wait on it forever.
-            _ = self.shared.closed.cancelled() => Err(self.shared.lost()),
-            r = async {
-                let writer = self.writer.lock().await;
-                writer.data_bytes(head).await?;
-                if let Some(p) = payload {
-                    writer.data_bytes(p).await?;
-                }
-                Ok::<(), russh::Error>(())
-            } => r.map_err(|e| Lost(format!("cannot send to the server: {e}"))),
-        };
-        if let Err(e) = sent {
+        if self.queue.send(req.seal(id)).is_err() {
             self.shared.unregister(id);
-            self.shared.close(&e.0);
-            return Err(e);
+            return Err(self.shared.lost());
         }
         Ok(rx)
     }
@@ -462,7 +448,7 @@ impl Session {
 
     /// Sends a request and waits for its reply.
     pub async fn call(&self, req: Request) -> Result<Reply, CallError> {
-        let rx = self.send(req).await?;
+        let rx = self.send(req)?;
         rx.await.map_err(|_| CallError::Lost(self.shared.lost()))
     }
 
@@ -571,6 +557,36 @@ fn reply_kind(r: &Reply) -> &'static str {
         Reply::Name(_) => "a name",
         Reply::Data(_) => "data",
         Reply::Extended(_) => "an extended reply",
+    }
+}
+
+/// Sends queued requests, each whole, until the channel or the session goes away.
+async fn write_loop(
+    tx: ChannelWriteHalf<Msg>,
+    mut requests: mpsc::UnboundedReceiver<(Bytes, Option<Bytes>)>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = shared.closed.cancelled() => return,
+            next = requests.recv() => next,
+        };
+        let Some((head, payload)) = next else { return };
+        // A dead connection never opens the window again: do not wait on it forever.
+        let sent = tokio::select! {
+            _ = shared.closed.cancelled() => return,
+            r = async {
+                tx.data_bytes(head).await?;
+                if let Some(p) = payload {
+                    tx.data_bytes(p).await?;
+                }
+                Ok::<(), russh::Error>(())
+            } => r,
+        };
+        if let Err(e) = sent {
+            shared.close(&format!("cannot send to the server: {e}"));
+            return;
+        }
     }
 }
 

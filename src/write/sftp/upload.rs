@@ -127,13 +127,12 @@ impl SftpUpload {
             path,
             final_path,
             mode,
-            lanes: vec![Lane { slot, conn, handle, generation: 0, inflight: 0 }],
+            lanes: vec![Lane { slot, conn, handle, generation: 0, inflight: 0, recoveries: 0 }],
             inflight: FuturesUnordered::new(),
             outstanding: BTreeMap::new(),
             sent: 0,
             staging: BytesMut::new(),
             write_len,
-            recoveries: 0,
             error: error.clone(),
         };
         tokio::spawn(driver.run(rx));
@@ -184,6 +183,9 @@ struct Lane {
     /// resent without another reconnect.
     generation: u64,
     inflight: usize,
+    /// Reconnects since this lane's last acknowledged write: bounds a connection that dies
+    /// every time (per lane, so an outage that drops every connection at once counts once).
+    recoveries: u32,
 }
 
 /// A write's outcome.
@@ -213,8 +215,6 @@ struct Driver {
     /// Bytes smaller than one write, waiting for the next chunk.
     staging: BytesMut,
     write_len: usize,
-    /// Reconnects since the last acknowledged write: bounds a connection that dies every time.
-    recoveries: u32,
     hasher: Option<Sha256>,
     error: Arc<Mutex<Option<WriteError>>>,
 }
@@ -319,13 +319,8 @@ impl Driver {
     }
 
     async fn pick_lane(&mut self) -> usize {
-        let (best, busy) = self
-            .lanes
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i, l.inflight))
-            .min_by_key(|(_, n)| *n)
-            .unwrap_or((0, 0));
+        let (best, busy) =
+            self.lanes.iter().enumerate().map(|(i, l)| (i, l.inflight)).min_by_key(|(_, n)| *n).unwrap_or((0, 0));
         let per_lane = (self.window / self.max_lanes.max(1)).max(1);
         if busy >= per_lane && self.lanes.len() < self.max_lanes && self.sent >= STRIPE_AFTER {
             self.open_lanes().await;
@@ -364,7 +359,7 @@ impl Driver {
             match opened {
                 Ok((conn, handle)) => {
                     self.write_len = self.write_len.min(conn.write_len);
-                    self.lanes.push(Lane { slot, conn, handle, generation: 0, inflight: 0 });
+                    self.lanes.push(Lane { slot, conn, handle, generation: 0, inflight: 0, recoveries: 0 });
                 }
                 Err(e) => {
                     let e = e.into_write("open", self.shown(&self.path));
@@ -376,25 +371,22 @@ impl Driver {
         self.max_lanes = self.lanes.len();
     }
 
-    /// Queues one write on a lane. The send happens inside the acknowledgement future, so a
-    /// lane waiting for its SSH window never holds up the others (head-of-line blocking
-    /// would serialise the channels a striped file depends on). A failure to send is an
-    /// acknowledgement that says "lost", handled like any other.
+    /// Queues one write on a lane's connection. A failure to queue (the connection is gone)
+    /// is an acknowledgement that says "lost", handled like any other.
     fn send(&mut self, lane: usize, offset: u64, data: Bytes) {
         let l = &mut self.lanes[lane];
         l.inflight += 1;
-        let (conn, generation, handle) = (l.conn.clone(), l.generation, l.handle.clone());
-        self.inflight.push(
-            async move {
-                let req = Request::new(fxp::WRITE).string(&handle).u64(offset).data(data.clone());
-                let result = match conn.sftp.send(req).await {
-                    Ok(rx) => rx.await.map_err(|_| conn.sftp.lost()),
-                    Err(lost) => Err(lost),
-                };
+        let (conn, generation) = (l.conn.clone(), l.generation);
+        let req = Request::new(fxp::WRITE).string(&l.handle).u64(offset).data(data.clone());
+        let ack = match conn.sftp.send(req) {
+            Ok(rx) => async move {
+                let result = rx.await.map_err(|_| conn.sftp.lost());
                 Ack { lane, generation, offset, data, result }
             }
             .boxed(),
-        );
+            Err(lost) => futures::future::ready(Ack { lane, generation, offset, data, result: Err(lost) }).boxed(),
+        };
+        self.inflight.push(ack);
     }
 
     async fn handle_ack(&mut self, ack: Ack) -> Result<(), WriteError> {
@@ -402,7 +394,7 @@ impl Driver {
         match ack.result {
             Ok(Reply::Status(s)) if s.code == code::OK => {
                 self.outstanding.remove(&ack.offset);
-                self.recoveries = 0;
+                self.lanes[ack.lane].recoveries = 0;
                 Ok(())
             }
             Ok(Reply::Status(s)) => Err(self.write_failed(ack.offset, s)),
@@ -439,8 +431,8 @@ impl Driver {
         let budget = self.shared.cfg.retries + 1;
         let mut why = lost.0.clone();
         loop {
-            self.recoveries += 1;
-            if self.recoveries > budget {
+            self.lanes[lane].recoveries += 1;
+            if self.lanes[lane].recoveries > budget {
                 return Err(self.connection_lost(budget, &why));
             }
             let low = self.low_watermark();
@@ -581,10 +573,11 @@ impl Driver {
     }
 
     /// Removes the file being written (abort, cancellation, or a failure that left it useless).
+    /// One attempt: a job on its way out does not wait for a dead server to come back.
     async fn discard(&mut self) -> Result<(), WriteError> {
         self.inflight.clear();
         self.close_handles(false).await?;
-        self.shared.remove_if_present(&self.path).await
+        self.shared.remove(&self.path, true).await
     }
 
     /// What a failed upload leaves. A failed write (a full disk, a quota) and a connection
