@@ -88,7 +88,7 @@ for rtt in $RTTS; do
   else
     "$DELAY" --listen 127.0.0.1:0 --upstream "127.0.0.1:$PORT" --rtt-ms "$rtt" >"$WORK/delay-$rtt.out" 2>&1 &
     PIDS+=($!)
-    for _ in $(seq 100); do grep -q listening "$WORK/delay-$rtt.out" && break; sleep 0.05; done
+    for _ in $(seq 100); do grep -qs listening "$WORK/delay-$rtt.out" && break; sleep 0.05; done
     PORTS[$rtt]=$(awk '/listening on/ {print $3}' "$WORK/delay-$rtt.out")
   fi
   echo "[127.0.0.1]:${PORTS[$rtt]} $(cut -d' ' -f1,2 "$WORK/host_key.pub")" >> "$WORK/known_hosts"

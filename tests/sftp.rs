@@ -384,6 +384,21 @@ async fn half_a_gigabyte_streams_intact() {
     assert_eq!(common::files_in(&sshd.root), ["big.bin"]);
 }
 
+/// Session keys are renewed every 8 MiB while writes are in flight: nothing is lost or
+/// reordered across a key exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_survive_key_renewals() {
+    let sshd = Sshd::start_with(SshdOptions { extra: "LogLevel DEBUG1\n".into(), ..Default::default() });
+    let mut cfg = sshd.config("");
+    cfg.rekey_limit = Some(8 << 20);
+    cfg.connections = 1;
+    let data = payload(40 << 20, 41);
+    upload(sink(&sshd, cfg).as_ref(), "rekeyed.bin", &data, &[1 << 20], PutMode::Create).await.unwrap();
+    assert!(std::fs::read(sshd.root.join("rekeyed.bin")).unwrap() == data);
+    let kex = sshd.log().matches("SSH2_MSG_KEXINIT received").count();
+    assert!(kex >= 4, "{kex} key exchanges: {}", sshd.log());
+}
+
 // ---- faults ----
 
 /// The proxy resets the connection every 6 MiB it carries upstream; the upload resumes

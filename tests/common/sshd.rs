@@ -44,7 +44,7 @@ pub struct SshdOptions {
     pub password_user: bool,
     /// PAM keyboard-interactive instead of plain password authentication.
     pub keyboard_interactive: bool,
-    /// Lines appended to sshd_config (`Ciphers ...`).
+    /// Lines put first in sshd_config, so they override the harness's (`Ciphers ...`).
     pub extra: String,
 }
 
@@ -148,11 +148,12 @@ impl Sshd {
         };
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+            // sshd takes the first value of a keyword: the extra lines go first to win.
             let config = format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {d}/sshd.pid\n\
+                "{extra}\nPort {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPubkeyAuthentication yes\n{auth}\
                  PermitRootLogin yes\nUseDNS no\nSubsystem sftp internal-sftp\nMaxStartups 200\n\
-                 MaxSessions 64\nMaxAuthTries 10\nLogLevel VERBOSE\n{extra}\n",
+                 MaxSessions 64\nMaxAuthTries 10\nLogLevel VERBOSE\n",
                 host = host_key.display(),
                 d = d.display(),
                 extra = opts.extra,

@@ -74,6 +74,9 @@ pub struct SftpConfig {
     pub connect_timeout: Duration,
     /// fsync@openssh.com before publishing (like `sftp -f`).
     pub fsync: bool,
+    /// Bytes after which session keys are renewed (OpenSSH `RekeyLimit`); russh's default
+    /// (1 GiB, RFC 4253 section 9) when `None`. Capped at 1 GiB.
+    pub rekey_limit: Option<usize>,
     pub inplace: bool,
     pub verify: Verify,
 }
@@ -134,6 +137,7 @@ impl SftpConfig {
             keepalive_max: DEFAULT_KEEPALIVE_MAX,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             fsync: false,
+            rekey_limit: None,
             inplace: false,
             verify: Verify::Size,
         }

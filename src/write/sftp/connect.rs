@@ -302,8 +302,14 @@ impl Dialer {
             keys.extend(preferred.key.iter().filter(|a| !known.contains(a)).cloned());
             preferred.key = Cow::Owned(keys);
         }
+        let mut limits = russh::Limits::default();
+        if let Some(bytes) = cfg.rekey_limit {
+            let bytes = bytes.clamp(1 << 16, 1 << 30);
+            limits = russh::Limits::new(bytes, bytes, limits.rekey_time_limit);
+        }
         russh::client::Config {
             preferred,
+            limits,
             keepalive_interval: (!cfg.keepalive.is_zero()).then_some(cfg.keepalive),
             keepalive_max: cfg.keepalive_max as usize,
             nodelay: true,
