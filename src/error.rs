@@ -70,6 +70,9 @@ impl Error {
             Error::Encode(e) if e.is_schema_problem() => exit::USAGE,
             Error::Encode(_) => exit::SOURCE,
             Error::Write(e) if e.is_permission() => exit::AUTH,
+            // Output from an earlier run is there: a decision for the operator (--overwrite,
+            // another target), not a fault of the target.
+            Error::Write(WriteError::Exists { .. }) => exit::USAGE,
             Error::Write(_) => exit::TARGET,
             Error::Interrupted(_) => exit::RESUMABLE,
             Error::Internal(_) => exit::INTERNAL,

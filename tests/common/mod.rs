@@ -29,3 +29,61 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// Builds a job from `export` flags, as the CLI would.
+pub fn job(args: &[&str]) -> bq2sftp::Job {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        export: bq2sftp::cli::ExportArgs,
+    }
+    Wrapper::try_parse_from(std::iter::once("bq2sftp").chain(args.iter().copied()))
+        .expect("flags parse")
+        .export
+        .to_job()
+        .expect("flags are valid")
+}
+
+/// The bytes of `path`, gunzipped / unzstded according to its extension.
+pub fn decompressed(path: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let raw = std::fs::read(path).unwrap();
+    let name = path.to_string_lossy();
+    if name.ends_with(".gz") {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).unwrap();
+        out
+    } else if name.ends_with(".zst") {
+        zstd::stream::decode_all(&raw[..]).unwrap()
+    } else {
+        raw
+    }
+}
+
+/// Parses CSV text (with header) into records.
+pub fn csv_records(data: &[u8]) -> Vec<csv::StringRecord> {
+    csv::ReaderBuilder::new().has_headers(true).from_reader(data).records().map(|r| r.unwrap()).collect()
+}
+
+/// The manifest in `dir`.
+pub fn manifest(dir: &Path) -> bq2sftp::manifest::Manifest {
+    serde_json::from_slice(&std::fs::read(dir.join("_MANIFEST.json")).expect("manifest exists")).unwrap()
+}
+
+/// Checks every manifest entry against the file on disk (size and SHA-256) and that the
+/// manifest lists exactly the data files present.
+pub fn assert_manifest_matches(dir: &Path) -> bq2sftp::manifest::Manifest {
+    let m = manifest(dir);
+    for f in &m.files {
+        let bytes = std::fs::read(dir.join(&f.name)).unwrap();
+        assert_eq!(bytes.len() as u64, f.bytes, "{}", f.name);
+        assert_eq!(sha256_hex(&bytes), f.sha256, "{}", f.name);
+    }
+    let mut listed: Vec<String> = m.files.iter().map(|f| f.name.clone()).collect();
+    listed.sort();
+    let present: Vec<String> = files_in(dir).into_iter().filter(|n| !n.starts_with('_')).collect();
+    assert_eq!(listed, present);
+    assert_eq!(m.total_rows, m.files.iter().map(|f| f.rows).sum::<u64>());
+    m
+}

@@ -1,0 +1,193 @@
+//! The binary as a user runs it: the end-to-end export, the demo, and every bad input
+//! with its one-line error, its documented exit code, and no half file left behind.
+
+mod common;
+
+use std::path::Path;
+
+use bq2sftp::exit;
+use common::*;
+
+fn to(dir: &Path) -> String {
+    format!("dir://{}", dir.display())
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs the binary and checks the exit code and that stderr mentions every `needles`.
+fn expect_failure(args: &[&str], code: u8, needles: &[&str]) -> String {
+    let out = run(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code as i32), "exit code for {args:?}; stderr: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr for {args:?} lacks {n:?}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn gzip_csv_export_of_a_million_rows_is_exact_and_matches_its_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(&[
+        "export",
+        "--from",
+        "synthetic://?rows=1000000&streams=4&flat=true",
+        "--to",
+        &to(tmp.path()),
+        "--format",
+        "csv",
+        "--compression",
+        "gzip",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("exported 1,000,000 rows"), "{}", stderr(&out));
+    let m = assert_manifest_matches(tmp.path());
+    let mut rows = 0;
+    for f in &m.files {
+        let data = decompressed(&tmp.path().join(&f.name));
+        let n = csv_records(&data).len() as u64;
+        assert_eq!(n, f.rows);
+        rows += n;
+    }
+    assert_eq!(rows, 1_000_000);
+    assert_eq!(m.total_rows, 1_000_000);
+}
+
+#[test]
+fn demo_writes_files_a_manifest_and_a_success_marker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let out = run(&["demo", "--out", dir.to_str().unwrap(), "--rows", "20000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(dir.join("_SUCCESS").exists());
+    let m = assert_manifest_matches(&dir);
+    assert_eq!(m.total_rows, 20_000);
+    // Running the demo again replaces its own output.
+    assert!(run(&["demo", "--out", dir.to_str().unwrap(), "--rows", "100"]).status.success());
+}
+
+#[test]
+fn help_shows_examples_and_exit_codes() {
+    let out = run(&["export", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in ["--from", "--to", "--format", "--compression", "Examples:", "Exit codes:", "--max-file-bytes"] {
+        assert!(text.contains(needle), "help lacks {needle}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = to(tmp.path());
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=10", "--to", &t, "--format", "xml"],
+        exit::USAGE,
+        &["unknown format", "csv"],
+    );
+    expect_failure(
+        &["export", "--from", "mysql://db/table", "--to", &t],
+        exit::USAGE,
+        &["unknown source scheme", "synthetic://"],
+    );
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=10", "--to", "s3://bucket"],
+        exit::USAGE,
+        &["unknown target scheme"],
+    );
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=10", "--to", &t, "--name-template", "{prefix}-{colour}"],
+        exit::USAGE,
+        &["unknown placeholder '{colour}'"],
+    );
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=10", "--to", &t, "--compression", "gzip", "--compression-level", "99"],
+        exit::USAGE,
+        &["out of range"],
+    );
+    expect_failure(&["export", "--from", "synthetic://?rows=ten", "--to", &t], exit::USAGE, &["rows"]);
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=10", "--to", &t, "--max-file-bytes", "big"],
+        exit::USAGE,
+        &["not a size"],
+    );
+    // clap's own usage errors use the same code.
+    expect_failure(&["export", "--from", "synthetic://"], exit::USAGE, &["--to"]);
+    assert_eq!(files_in(tmp.path()), Vec::<String>::new());
+}
+
+#[test]
+fn nested_columns_in_csv_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=100", "--to", &to(tmp.path())],
+        exit::USAGE,
+        &["int64_list", "--csv-nested json"],
+    );
+    assert_eq!(files_in(tmp.path()), Vec::<String>::new());
+    let out = run(&["export", "--from", "synthetic://?rows=100", "--to", &to(tmp.path()), "--csv-nested", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn target_problems_name_the_directory_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=10&flat=true", "--to", &to(&missing)],
+        exit::TARGET,
+        &["does not exist", "--create-dirs"],
+    );
+    let out = run(&["export", "--from", "synthetic://?rows=10&flat=true", "--to", &to(&missing), "--create-dirs"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Root ignores mode bits, but nobody may create files in sysfs.
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=10&flat=true", "--to", "dir:///sys"],
+        exit::AUTH,
+        &["permission denied", "/sys"],
+    );
+}
+
+#[test]
+fn existing_files_are_refused_unless_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["export", "--from", "synthetic://?rows=10&flat=true", "--to", &to(tmp.path())];
+    assert!(run(&args).status.success());
+    expect_failure(&args, exit::USAGE, &["already exists", "--overwrite"]);
+    assert!(run(&[&args[..], &["--overwrite"]].concat()).status.success());
+}
+
+#[test]
+fn a_corrupt_parquet_file_is_a_source_error_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("broken.parquet");
+    std::fs::write(&bad, b"PAR1 this is not really parquet at all PAR1").unwrap();
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let from = format!("parquet://{}", bad.display());
+    expect_failure(
+        &["export", "--from", &from, "--to", &to(&out_dir)],
+        exit::SOURCE,
+        &["broken.parquet", "not a readable Parquet file"],
+    );
+    assert_eq!(files_in(&out_dir), Vec::<String>::new());
+    let empty_dir = tmp.path().join("empty");
+    std::fs::create_dir(&empty_dir).unwrap();
+    let from = format!("parquet://{}", empty_dir.display());
+    expect_failure(&["export", "--from", &from, "--to", &to(&out_dir)], exit::SOURCE, &["no *.parquet files"]);
+}
+
+#[test]
+fn zero_rows_write_one_header_only_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out =
+        run(&["export", "--from", "synthetic://?rows=0&flat=true", "--to", &to(tmp.path()), "--compression", "gzip"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = assert_manifest_matches(tmp.path());
+    assert_eq!(m.files.len(), 1);
+    let text = decompressed(&tmp.path().join(&m.files[0].name));
+    assert!(text.starts_with(b"id,int64_col,") && text.iter().filter(|&&b| b == b'\n').count() == 1);
+}
