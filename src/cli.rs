@@ -51,7 +51,7 @@ pub struct ExportArgs {
     #[arg(long)]
     pub compression: Option<String>,
 
-    /// Compression level (gzip 1-12, default 6; zstd 1-22, default 3).
+    /// Compression level (gzip 1-12, default 6; zstd 1-22, default 3, for parquet 1).
     #[arg(long, value_name = "N")]
     pub compression_level: Option<i32>,
 
@@ -120,7 +120,7 @@ pub struct ExportArgs {
     pub csv_nested: NestedArg,
 
     /// Parquet: close a row group once it holds this much encoded data.
-    #[arg(long, default_value = "64MiB", value_name = "SIZE")]
+    #[arg(long, default_value = "32MiB", value_name = "SIZE")]
     pub parquet_row_group_bytes: String,
 
     /// Streams read and uploaded at once (default: twice the cores, at least 4).

@@ -595,7 +595,8 @@ async fn encode_files(
             })
             .await??;
             rows_in_file += len as u64;
-            series.append(Bytes::from(out), len as u64, 0).await?;
+            let encoded = out.len() as u64;
+            series.append(Bytes::from(out), len as u64, encoded).await?;
             let full = rows_in_file >= max_rows || series.bytes() + buffered >= ctx.opts.max_file_bytes;
             if full {
                 finish_file(&ctx, &mut series, enc).await?;
@@ -618,7 +619,8 @@ async fn finish_file(ctx: &Ctx, series: &mut FileSeries, mut enc: Box<dyn Encode
         Ok(out)
     })
     .await??;
-    series.append(Bytes::from(out), 0, 0).await?;
+    let encoded = out.len() as u64;
+    series.append(Bytes::from(out), 0, encoded).await?;
     series.close().await
 }
 
