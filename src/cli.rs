@@ -11,7 +11,7 @@ use crate::encode::{
     self, Compression, FormatOptions, csv::CsvOptions, csv::NestedMode, parquet::Codec, parquet::ParquetOptions,
 };
 use crate::error::ConfigError;
-use crate::pipeline::{self, FileMode, PipelineOptions};
+use crate::pipeline::{self, FileMode, PipelineOptions, StateOptions};
 use crate::read::SourceConfig;
 use crate::template::{DEFAULT_TEMPLATE, NameTemplate};
 use crate::write::{PutMode, SinkConfig, TargetOptions};
@@ -130,6 +130,21 @@ pub struct ExportArgs {
     /// Encoder threads (default: one per core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    /// Continue an interrupted run of this same job from its state file: committed files are
+    /// kept, each unfinished stream restarts at its first uncommitted row. Without a state
+    /// file the job starts afresh.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Where this job records its progress for --resume (default:
+    /// .bq2sftp-state/JOB-ID.json in the working directory).
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<std::path::PathBuf>,
+
+    /// Keep no state file (the job cannot be resumed).
+    #[arg(long, conflicts_with_all = ["resume", "state_file"])]
+    pub no_state: bool,
 
     /// Rows per encoding job.
     #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
@@ -261,9 +276,43 @@ impl ExportArgs {
         }
         pipeline.chunk_rows = self.chunk_rows;
 
+        let fingerprint = self.fingerprint(&pipeline);
+        pipeline.state = (!self.no_state).then(|| StateOptions {
+            path: self.state_file.clone().unwrap_or_else(|| {
+                std::path::Path::new(crate::state::DEFAULT_STATE_DIR).join(format!("{}.json", &fingerprint[..16]))
+            }),
+            explicit: self.state_file.is_some(),
+            resume: self.resume,
+            fingerprint,
+        });
+
         let target_options =
             TargetOptions { create_dirs: self.create_dirs, partial_suffix: self.partial_suffix.clone() };
         Ok(Job { source, target, target_options, pipeline })
+    }
+}
+
+impl ExportArgs {
+    /// Identifies the job for its state file: what is read, where it goes and everything that
+    /// decides which rows land in which file under which name. Tuning flags (threads,
+    /// concurrency) are left out, so a resumed run may use different ones.
+    fn fingerprint(&self, p: &PipelineOptions) -> String {
+        use sha2::Digest;
+        let identity = format!(
+            "{}\n{}\n{}\n{:?}\n{:?}\n{}\n{}\n{:?}\n{}\n{:?}\n{:?}",
+            self.from,
+            self.to,
+            p.format.name,
+            p.compression,
+            p.format_options,
+            p.template.as_str(),
+            p.prefix,
+            p.file_mode,
+            p.max_file_bytes,
+            p.max_file_rows,
+            self.chunk_rows,
+        );
+        hex::encode(sha2::Sha256::digest(identity.as_bytes()))
     }
 }
 

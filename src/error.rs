@@ -52,6 +52,8 @@ pub enum Error {
     Encode(#[from] EncodeError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// The job was cancelled (signal, or another part of the job failed first).
     #[error("interrupted: {0}; files committed so far are intact")]
     Interrupted(String),
@@ -74,6 +76,7 @@ impl Error {
             // another target), not a fault of the target.
             Error::Write(WriteError::Exists { .. }) => exit::USAGE,
             Error::Write(_) => exit::TARGET,
+            Error::State(_) => exit::USAGE,
             Error::Interrupted(_) => exit::RESUMABLE,
             Error::Internal(_) => exit::INTERNAL,
         }

@@ -25,6 +25,7 @@ pub mod error;
 pub mod manifest;
 pub mod pipeline;
 pub mod read;
+pub mod state;
 pub mod template;
 pub mod write;
 

@@ -83,6 +83,11 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             let code = e.downcast_ref::<Error>().map_or(exit::INTERNAL, Error::exit_code);
+            if let Some(hint) = RESUME_HINT.get()
+                && code != exit::USAGE
+            {
+                eprintln!("{hint}");
+            }
             ExitCode::from(code)
         }
     }
@@ -126,6 +131,9 @@ fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
+/// Set when a failed job left a state file: how to continue it.
+static RESUME_HINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
     let job = args.to_job().map_err(Error::from)?;
     let cancel = CancellationToken::new();
@@ -134,6 +142,14 @@ async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
     let ticker = spawn_ticker(progress.clone());
     let result = job.run_with(cancel, progress).await;
     ticker.abort();
+    if result.is_err()
+        && let Some(state) = job.pipeline.state.as_ref().filter(|s| s.path.exists())
+    {
+        let _ = RESUME_HINT.set(format!(
+            "hint: committed files are kept and progress is saved in {}; run the same command with --resume to finish the job",
+            state.path.display()
+        ));
+    }
     Ok(result?)
 }
 

@@ -191,3 +191,53 @@ fn zero_rows_write_one_header_only_file() {
     let text = decompressed(&tmp.path().join(&m.files[0].name));
     assert!(text.starts_with(b"id,int64_col,") && text.iter().filter(|&&b| b == b'\n').count() == 1);
 }
+
+#[test]
+fn a_killed_export_resumed_writes_every_row_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let state = tmp.path().join("state.json");
+    let rows = 1_500_000u64;
+    let from = format!("synthetic://?rows={rows}&streams=3&flat=true");
+    let args = [
+        "export",
+        "--from",
+        &from,
+        "--to",
+        &to(&out),
+        "--compression",
+        "gzip",
+        "--max-file-rows",
+        "50000",
+        "--state-file",
+        state.to_str().unwrap(),
+    ];
+    let mut child = std::process::Command::new(bin()).args(args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Kill it (SIGKILL: no cleanup at all) once a few files are committed.
+    let committed = |d: &Path| files_in(d).iter().filter(|n| n.ends_with(".csv.gz")).count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while committed(&out) < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the export finished before it could be killed");
+        assert!(std::time::Instant::now() < deadline, "no file committed in time");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(state.exists(), "the killed run left its state");
+    assert!(!out.join("_MANIFEST.json").exists());
+
+    let out_run = run(&[&args[..], &["--resume"]].concat());
+    assert!(out_run.status.success(), "{}", stderr(&out_run));
+    let m = assert_manifest_matches(&out);
+    let mut ids = Vec::with_capacity(rows as usize);
+    for f in &m.files {
+        let records = csv_records(&decompressed(&out.join(&f.name)));
+        assert_eq!(records.len() as u64, f.rows, "{}", f.name);
+        ids.extend(records.iter().map(|r| r[0].parse::<u64>().unwrap()));
+    }
+    ids.sort_unstable();
+    assert_eq!(ids.len() as u64, rows);
+    assert!(ids.iter().copied().eq(0..rows), "every row exactly once");
+    assert!(!files_in(&out).iter().any(|n| n.ends_with(".partial")));
+}

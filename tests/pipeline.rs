@@ -359,3 +359,94 @@ async fn existing_output_is_refused_unless_overwrite() {
     bq2sftp::run(&job(&[&args[..], &["--overwrite"]].concat())).await.unwrap();
     assert_manifest_matches(tmp.path());
 }
+
+#[tokio::test]
+async fn resume_after_a_failure_keeps_committed_files_and_writes_every_row_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let state = tmp.path().join("state.json");
+    let args = [
+        "--from",
+        "synthetic://?rows=40000&streams=4&flat=true&batch_rows=1000",
+        "--to",
+        &to(&out),
+        "--max-file-rows",
+        "2000",
+        "--chunk-rows",
+        "500",
+        "--compression",
+        "gzip",
+        "--state-file",
+        state.to_str().unwrap(),
+    ];
+    // First run: stream 2 breaks after 5 of its 10 batches.
+    let first = job(&args);
+    let inner = Arc::new(SyntheticSource::new(SyntheticOptions {
+        rows: 40_000,
+        streams: 4,
+        flat: true,
+        batch_rows: 1000,
+        ..Default::default()
+    }));
+    let flaky = Arc::new(FlakySource { inner, bad: 2, good_batches: 5, delay: Duration::ZERO });
+    let sink = dir_sink(&out);
+    let err = bq2sftp::pipeline::run(
+        flaky,
+        sink,
+        first.pipeline.clone(),
+        CancellationToken::new(),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Read(_)), "{err:?}");
+    let saved: bq2sftp::state::JobState = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let committed_before: Vec<(String, String)> =
+        saved.lanes.values().flat_map(|l| l.files.iter().map(|f| (f.name.clone(), f.sha256.clone()))).collect();
+    // Stream 2 stopped part way: what it committed is whole files of 2000 rows.
+    let broken = saved.lanes.get(&2).cloned().unwrap_or_default();
+    assert!(!broken.done && broken.rows % 2000 == 0 && broken.rows < 10_000, "{broken:?}");
+    assert!(!committed_before.is_empty());
+
+    // Without --resume the leftovers are refused rather than mixed up with a new run.
+    let err = bq2sftp::run(&job(&args)).await.unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+
+    // With --resume: the healthy source finishes the job.
+    let report = bq2sftp::run(&job(&[&args[..], &["--resume"]].concat())).await.unwrap();
+    assert_eq!(report.rows, 40_000);
+    assert!(!state.exists(), "the state file is removed once the job is done");
+    for (name, sha) in committed_before {
+        let f = report.files.iter().find(|f| f.name == name).unwrap();
+        assert_eq!(f.sha256, sha, "{name} was kept as committed");
+    }
+    assert_each_id_once(csv_ids(&out), 40_000);
+    assert!(files_in(&out).iter().all(|n| !n.ends_with(".partial")));
+}
+
+#[tokio::test]
+async fn resume_refuses_a_state_file_of_another_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state.json");
+    let a = ["--from", "synthetic://?rows=100&flat=true", "--to", "null:", "--state-file", state.to_str().unwrap()];
+    // Leave a state file behind as an interrupted run would.
+    let plan = SyntheticSource::new(SyntheticOptions::default()).plan().await.unwrap();
+    let job_a = job(&a);
+    let fp = job_a.pipeline.state.as_ref().unwrap().fingerprint.clone();
+    bq2sftp::state::StateStore::new(state.clone(), bq2sftp::state::JobState::new(fp, "then".into(), &plan))
+        .save()
+        .unwrap();
+    let b = [
+        "--from",
+        "synthetic://?rows=999&flat=true",
+        "--to",
+        "null:",
+        "--state-file",
+        state.to_str().unwrap(),
+        "--resume",
+    ];
+    let err = bq2sftp::run(&job(&b)).await.unwrap_err();
+    assert!(err.to_string().contains("belongs to a different job"), "{err}");
+    assert_eq!(err.exit_code(), bq2sftp::exit::USAGE);
+}

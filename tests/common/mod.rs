@@ -11,9 +11,15 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bq2sftp"))
 }
 
-/// Runs `bq2sftp ARGS` and returns its output.
+/// Runs `bq2sftp ARGS` (in the temp directory, where default state files then land) and
+/// returns its output.
 pub fn run(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("BQ2SFTP_LOG", "warn").output().expect("the binary runs")
+    Command::new(bin())
+        .args(args)
+        .env("BQ2SFTP_LOG", "warn")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("the binary runs")
 }
 
 /// Names of the regular files in `dir`, sorted.
@@ -38,7 +44,10 @@ pub fn job(args: &[&str]) -> bq2sftp::Job {
         #[command(flatten)]
         export: bq2sftp::cli::ExportArgs,
     }
-    Wrapper::try_parse_from(std::iter::once("bq2sftp").chain(args.iter().copied()))
+    // Tests that are not about resuming keep no state file (it would land in the source tree).
+    let stateful = args.iter().any(|a| a.starts_with("--state-file") || *a == "--resume");
+    let extra = if stateful { None } else { Some("--no-state") };
+    Wrapper::try_parse_from(std::iter::once("bq2sftp").chain(args.iter().copied()).chain(extra))
         .expect("flags parse")
         .export
         .to_job()
