@@ -146,9 +146,36 @@ pub struct ExportArgs {
     #[arg(long, conflicts_with_all = ["resume", "state_file"])]
     pub no_state: bool,
 
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+
     /// Rows per encoding job.
     #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
     pub chunk_rows: usize,
+}
+
+/// Where the job's Prometheus metrics go (any combination).
+#[derive(Debug, Clone, Default, Args)]
+pub struct MetricsArgs {
+    /// Serve /metrics on HOST:PORT while the job runs (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Push the metrics to this Pushgateway when the job ends, success or failure.
+    #[arg(long, value_name = "URL")]
+    pub pushgateway: Option<String>,
+
+    /// Pushgateway grouping: job name.
+    #[arg(long, default_value = "bq2sftp", value_name = "NAME")]
+    pub pushgateway_job: String,
+
+    /// Pushgateway grouping: instance (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub pushgateway_instance: Option<String>,
+
+    /// Write the metrics for node_exporter's textfile collector when the job ends (atomically).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_textfile: Option<std::path::PathBuf>,
 }
 
 /// Parses `1GiB`, `512MiB`, `100MB`, `64k`, `1048576`.
@@ -251,6 +278,11 @@ impl ExportArgs {
         }
         if self.max_file_rows == Some(0) {
             return Err(ConfigError::invalid("--max-file-rows", "must be at least 1"));
+        }
+        if let Some(url) = &self.metrics.pushgateway
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(format!("--pushgateway {url}"), "must be an http:// or https:// URL"));
         }
         if self.chunk_rows == 0 || self.concurrency == Some(0) || self.threads == Some(0) {
             return Err(ConfigError::invalid("--chunk-rows/--concurrency/--threads", "must be at least 1"));

@@ -43,6 +43,8 @@ use tokio_util::sync::CancellationToken;
 use crate::encode::{Compression, Encoder, Format, FormatOptions, Part};
 use crate::error::{ConfigError, Error};
 use crate::manifest::{FileRecord, Manifest};
+pub use crate::metrics::Progress;
+use crate::metrics::events::{self, BatchRead, BytesUploaded, ChunkEncoded, FileCommitted, QueueDepth, StreamActive};
 use crate::read::{ReadPlan, Source, StreamSpec};
 use crate::state::{JobState, StateStore};
 use crate::template::{NameContext, NameTemplate};
@@ -149,15 +151,6 @@ pub struct Report {
     pub manifest: Option<String>,
 }
 
-/// Counters shared by the lanes, read for the summary (and by progress reporting).
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub rows_read: AtomicU64,
-    pub encoded_bytes: AtomicU64,
-    pub committed_bytes: AtomicU64,
-    pub committed_files: AtomicU64,
-}
-
 struct Ctx {
     opts: PipelineOptions,
     plan: ReadPlan,
@@ -228,6 +221,7 @@ pub async fn run(
         )
         .into());
     }
+    progress.estimated_rows.store(plan.estimated_rows.unwrap_or(0), Ordering::Relaxed);
     let resuming = resumed.is_some();
     let state = make_state(&opts, &plan, started, resumed)?;
     let pool = rayon::ThreadPoolBuilder::new()
@@ -255,7 +249,7 @@ pub async fn run(
     }
     tracing::info!(
         source = %ctx.plan.description.name,
-        target = %ctx.sink.describe(),
+        destination = %ctx.sink.describe(),
         streams = ctx.plan.streams.len(),
         format = ctx.opts.format.name,
         "export started"
@@ -308,11 +302,12 @@ pub async fn run(
         }
     };
     if resuming {
-        tracing::warn!(
-            committed_files = files.len(),
-            lanes_left = lanes.len(),
-            "resuming an interrupted run; committed files are kept"
-        );
+        events::Resumed {
+            files: files.len() as u64,
+            bytes: files.iter().map(|f| f.bytes).sum(),
+            streams_left: lanes.len(),
+        }
+        .emit();
     }
     let mut outcomes = futures::stream::iter(lanes)
         .map(|lane| {
@@ -451,6 +446,20 @@ fn make_state(
     Ok(Some(store))
 }
 
+/// The bounded `codec` label: the whole-file codec, or `parquet-<codec>` for Parquet's own.
+fn codec_label(opts: &PipelineOptions) -> &'static str {
+    if opts.format.internal_compression {
+        match opts.format_options.parquet.codec {
+            crate::encode::parquet::Codec::None => "parquet-none",
+            crate::encode::parquet::Codec::Snappy => "parquet-snappy",
+            crate::encode::parquet::Codec::Gzip(_) => "parquet-gzip",
+            crate::encode::parquet::Codec::Zstd(_) => "parquet-zstd",
+        }
+    } else {
+        opts.compression.name()
+    }
+}
+
 fn compression_name(opts: &PipelineOptions) -> String {
     if opts.format.internal_compression {
         format!("{} (internal)", opts.format_options.parquet.codec.name())
@@ -586,20 +595,24 @@ async fn read_streams(
             let (ctx, tx) = (ctx.clone(), tx.clone());
             async move {
                 let mut batches = ctx.source.clone().read(&ctx.plan, &spec, offset);
+                StreamActive { stream: &spec.name, started: true }.emit();
                 loop {
                     let item = tokio::select! {
-                        _ = ctx.cancel.cancelled() => return,
+                        _ = ctx.cancel.cancelled() => break,
                         item = batches.next() => item,
                     };
-                    let Some(item) = item else { return };
+                    let Some(item) = item else { break };
                     if let Ok(b) = &item {
-                        ctx.progress.rows_read.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                        BatchRead { rows: b.num_rows() as u64, arrow_bytes: b.get_array_memory_size() as u64 }
+                            .emit(&ctx.progress);
                     }
                     let failed = item.is_err();
                     if tx.send(item).await.is_err() || failed {
-                        return;
+                        break;
                     }
+                    QueueDepth { stage: "batches", delta: 1 }.emit();
                 }
+                StreamActive { stream: &spec.name, started: false }.emit();
             }
         })
         .await;
@@ -621,11 +634,13 @@ async fn on_pool<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 's
 /// One encoded piece of a file.
 struct Chunk {
     rows: u64,
+    /// In-memory Arrow bytes of the rows (a share of the batch's buffers).
+    arrow_bytes: u64,
     raw_bytes: u64,
     data: Bytes,
 }
 
-fn encode_chunk(ctx: &Ctx, batch: &RecordBatch) -> Result<Chunk, Error> {
+fn encode_chunk(ctx: &Ctx, batch: &RecordBatch, arrow_bytes: u64) -> Result<Chunk, Error> {
     let opts = &ctx.opts;
     let mut encoder = (opts.format.build)(&ctx.plan.schema, &opts.format_options, Part::Body)?;
     encoder.write(batch)?;
@@ -640,7 +655,7 @@ fn encode_chunk(ctx: &Ctx, batch: &RecordBatch) -> Result<Chunk, Error> {
             out
         }
     };
-    Ok(Chunk { rows: batch.num_rows() as u64, raw_bytes, data: Bytes::from(data) })
+    Ok(Chunk { rows: batch.num_rows() as u64, arrow_bytes, raw_bytes, data: Bytes::from(data) })
 }
 
 /// Splits `batch` into encode jobs: at most `chunk_rows` rows each, never straddling a
@@ -679,6 +694,7 @@ async fn encode_rows(
             biased;
             _ = ctx.cancel.cancelled() => return Err(interrupted()),
             Some(chunk) = pending.next(), if !pending.is_empty() => {
+                QueueDepth { stage: "encoding", delta: -1 }.emit();
                 let chunk: Chunk = chunk?;
                 if let Some(per_row) = chunk.raw_bytes.checked_div(chunk.rows) {
                     let per_row = per_row + 1;
@@ -689,10 +705,15 @@ async fn encode_rows(
             }
             item = input.recv(), if !input_done && pending.len() < in_flight => match item {
                 Some(Ok(batch)) => {
+                    QueueDepth { stage: "batches", delta: -1 }.emit();
+                    let arrow_bytes = batch.get_array_memory_size() as u64;
+                    let rows = batch.num_rows().max(1) as u64;
                     for slice in split(batch, ctx.chunk_rows(), ctx.opts.max_file_rows, &mut position) {
                         let job_ctx = ctx.clone();
-                        let job = on_pool(&ctx, move || encode_chunk(&job_ctx, &slice));
+                        let share = arrow_bytes * slice.num_rows() as u64 / rows;
+                        let job = on_pool(&ctx, move || encode_chunk(&job_ctx, &slice, share));
                         pending.push_back(async move { job.await? });
+                        QueueDepth { stage: "encoding", delta: 1 }.emit();
                     }
                 }
                 Some(Err(e)) => return Err(e.into()),
@@ -723,6 +744,9 @@ async fn encode_files(
             Some(Err(e)) => return Err(e.into()),
             None => break,
         };
+        QueueDepth { stage: "batches", delta: -1 }.emit();
+        let arrow_bytes = batch.get_array_memory_size() as u64;
+        let batch_rows = batch.num_rows().max(1) as u64;
         let mut offset = 0;
         while offset < batch.num_rows() {
             let len = ((max_rows - rows_in_file) as usize).min(batch.num_rows() - offset);
@@ -746,7 +770,7 @@ async fn encode_files(
             .await??;
             rows_in_file += len as u64;
             let encoded = out.len() as u64;
-            series.append(Bytes::from(out), len as u64, encoded).await?;
+            series.append(Bytes::from(out), len as u64, encoded, arrow_bytes * len as u64 / batch_rows).await?;
             let full = rows_in_file >= max_rows || series.bytes() + buffered >= ctx.opts.max_file_bytes;
             if full {
                 finish_file(&ctx, &mut series, enc).await?;
@@ -770,7 +794,7 @@ async fn finish_file(ctx: &Ctx, series: &mut FileSeries, mut enc: Box<dyn Encode
     })
     .await??;
     let encoded = out.len() as u64;
-    series.append(Bytes::from(out), 0, encoded).await?;
+    series.append(Bytes::from(out), 0, encoded, 0).await?;
     series.close().await
 }
 
@@ -844,7 +868,7 @@ impl FileSeries {
         }
         let header = self.header.clone().unwrap_or_default();
         if !header.is_empty() {
-            self.append(header, 0, 0).await?;
+            self.append(header, 0, 0, 0).await?;
         }
         Ok(())
     }
@@ -861,10 +885,12 @@ impl FileSeries {
         if self.open.is_none() {
             self.open_with_header().await?;
         }
-        self.append(chunk.data, chunk.rows, chunk.raw_bytes).await
+        self.append(chunk.data, chunk.rows, chunk.raw_bytes, chunk.arrow_bytes).await
     }
 
-    async fn append(&mut self, data: Bytes, rows: u64, raw_bytes: u64) -> Result<(), Error> {
+    /// Appends encoded bytes holding `rows` rows (`raw_bytes` before compression, from
+    /// `arrow_bytes` of Arrow data) to the open file.
+    async fn append(&mut self, data: Bytes, rows: u64, raw_bytes: u64, arrow_bytes: u64) -> Result<(), Error> {
         let Some(mut file) = self.open.take() else {
             return Err(Error::Internal("append without an open file".into()));
         };
@@ -879,11 +905,19 @@ impl FileSeries {
             .map_err(|e| Error::Internal(format!("hash task failed: {e}")))?;
             file.hasher = hasher;
             file.bytes += data.len() as u64;
+            ChunkEncoded {
+                format: self.ctx.opts.format.name,
+                codec: codec_label(&self.ctx.opts),
+                arrow_bytes,
+                encoded_bytes: raw_bytes,
+                compressed_bytes: data.len() as u64,
+            }
+            .emit(&self.ctx.progress);
             self.send(UploadMsg::Part(data)).await?;
+            QueueDepth { stage: "upload", delta: 1 }.emit();
         }
         file.rows += rows;
         file.raw_bytes += raw_bytes;
-        self.ctx.progress.encoded_bytes.fetch_add(raw_bytes, Ordering::Relaxed);
         self.open = Some(file);
         Ok(())
     }
@@ -909,7 +943,8 @@ struct UploadOutcome {
 
 /// Streams a lane's files to the sink, one at a time, in order.
 async fn upload_files(ctx: Arc<Ctx>, lane: usize, mode: PutMode, mut rx: mpsc::Receiver<UploadMsg>) -> UploadOutcome {
-    let (sink, progress) = (ctx.sink.clone(), ctx.progress.clone());
+    let sink = ctx.sink.clone();
+    let target = sink.describe();
     let mut files = Vec::new();
     let mut current = None;
     let error = loop {
@@ -918,7 +953,12 @@ async fn upload_files(ctx: Arc<Ctx>, lane: usize, mode: PutMode, mut rx: mpsc::R
             match msg {
                 UploadMsg::Begin { name } => current = Some(sink.create(&name, mode).await?),
                 UploadMsg::Part(data) => match current.as_mut() {
-                    Some(upload) => upload.put_part(data).await?,
+                    Some(upload) => {
+                        QueueDepth { stage: "upload", delta: -1 }.emit();
+                        let bytes = data.len() as u64;
+                        upload.put_part(data).await?;
+                        BytesUploaded { sink: &target, bytes }.emit();
+                    }
                     None => {
                         return Err(WriteError::Other {
                             target: sink.describe(),
@@ -941,9 +981,8 @@ async fn upload_files(ctx: Arc<Ctx>, lane: usize, mode: PutMode, mut rx: mpsc::R
                             actual: committed,
                         });
                     }
-                    progress.committed_bytes.fetch_add(committed, Ordering::Relaxed);
-                    progress.committed_files.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(file = %record.name, rows = record.rows, bytes = record.bytes, "file committed");
+                    FileCommitted { sink: &target, name: &record.name, rows: record.rows, bytes: committed }
+                        .emit(&ctx.progress);
                     if let Some(state) = &ctx.state {
                         let ctx = ctx.clone();
                         let r = record.clone();

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod pushgateway;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -95,4 +96,21 @@ pub fn assert_manifest_matches(dir: &Path) -> bq2sftp::manifest::Manifest {
     assert_eq!(listed, present);
     assert_eq!(m.total_rows, m.files.iter().map(|f| f.rows).sum::<u64>());
     m
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The value of the first sample of `metric` whose labels include every `labels` pair.
+pub fn sample(exposition: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (name_labels, value) = line.rsplit_once(' ')?;
+        let (name, rest) = name_labels.split_once('{').unwrap_or((name_labels, ""));
+        if name != metric || !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+            return None;
+        }
+        value.parse().ok()
+    })
 }
