@@ -36,23 +36,23 @@ pub enum NestedArg {
 pub struct ExportArgs {
     /// Source URL: bq://PROJECT.DATASET.TABLE, parquet:///path (file or directory),
     /// synthetic://?rows=N&streams=K[&seed=S][&flat=true].
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "BQ2SFTP_FROM")]
     pub from: String,
 
     /// Target URL: dir:///path, sftp://USER@HOST[:PORT]/DIR, null: (discard, for benchmarks).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "BQ2SFTP_TO")]
     pub to: String,
 
     /// Output format: csv, parquet or ndjson.
-    #[arg(long, default_value = "csv")]
+    #[arg(long, default_value = "csv", env = "BQ2SFTP_FORMAT")]
     pub format: String,
 
     /// csv/ndjson: none, gzip or zstd (default none). parquet: zstd (default), snappy, gzip, none.
-    #[arg(long)]
+    #[arg(long, env = "BQ2SFTP_COMPRESSION")]
     pub compression: Option<String>,
 
     /// Compression level (gzip 1-12, default 6; zstd 1-22, default 3, for parquet 1).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "BQ2SFTP_COMPRESSION_LEVEL")]
     pub compression_level: Option<i32>,
 
     /// per-stream: a file series per read stream, in parallel. single: one file series.
@@ -60,19 +60,19 @@ pub struct ExportArgs {
     pub file_mode: FileModeArg,
 
     /// Start a new file when this size would be exceeded (e.g. 1GiB, 500MB, 1048576).
-    #[arg(long, default_value = "1GiB", value_name = "SIZE")]
+    #[arg(long, default_value = "1GiB", value_name = "SIZE", env = "BQ2SFTP_MAX_FILE_BYTES")]
     pub max_file_bytes: String,
 
     /// Start a new file after this many rows.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "BQ2SFTP_MAX_FILE_ROWS")]
     pub max_file_rows: Option<u64>,
 
     /// File names: {prefix} {stream} {seq} {date} {ext}, numbers padded as {seq:05}.
-    #[arg(long, default_value = DEFAULT_TEMPLATE, value_name = "TEMPLATE")]
+    #[arg(long, default_value = DEFAULT_TEMPLATE, value_name = "TEMPLATE", env = "BQ2SFTP_NAME_TEMPLATE")]
     pub name_template: String,
 
     /// {prefix} in file names (default: the table or file name).
-    #[arg(long)]
+    #[arg(long, env = "BQ2SFTP_PREFIX")]
     pub prefix: Option<String>,
 
     /// Replace files that already exist in the target (refused by default).
@@ -139,7 +139,7 @@ pub struct ExportArgs {
 
     /// Where this job records its progress for --resume (default:
     /// .bq2sftp-state/JOB-ID.json in the working directory).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "BQ2SFTP_STATE_FILE")]
     pub state_file: Option<std::path::PathBuf>,
 
     /// Keep no state file (the job cannot be resumed).
@@ -148,6 +148,11 @@ pub struct ExportArgs {
 
     #[command(flatten)]
     pub metrics: MetricsArgs,
+
+    /// Print the effective configuration (flags, environment, job file, defaults; secrets
+    /// masked) after validating it, and exit without running.
+    #[arg(long)]
+    pub print_config: bool,
 
     /// Rows per encoding job.
     #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
@@ -158,23 +163,23 @@ pub struct ExportArgs {
 #[derive(Debug, Clone, Default, Args)]
 pub struct MetricsArgs {
     /// Serve /metrics on HOST:PORT while the job runs (e.g. 127.0.0.1:9464).
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "BQ2SFTP_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
     /// Push the metrics to this Pushgateway when the job ends, success or failure.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "BQ2SFTP_PUSHGATEWAY")]
     pub pushgateway: Option<String>,
 
     /// Pushgateway grouping: job name.
-    #[arg(long, default_value = "bq2sftp", value_name = "NAME")]
+    #[arg(long, default_value = "bq2sftp", value_name = "NAME", env = "BQ2SFTP_PUSHGATEWAY_JOB")]
     pub pushgateway_job: String,
 
     /// Pushgateway grouping: instance (default: the host name).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "BQ2SFTP_PUSHGATEWAY_INSTANCE")]
     pub pushgateway_instance: Option<String>,
 
     /// Write the metrics for node_exporter's textfile collector when the job ends (atomically).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "BQ2SFTP_METRICS_TEXTFILE")]
     pub metrics_textfile: Option<std::path::PathBuf>,
 }
 

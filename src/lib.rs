@@ -22,6 +22,7 @@
 pub mod cli;
 pub mod encode;
 pub mod error;
+pub mod jobfile;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;

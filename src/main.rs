@@ -53,8 +53,20 @@ enum Command {
     /// Export a table (or query result, or file) to a target.
     #[command(after_help = EXAMPLES)]
     Export(Box<ExportArgs>),
+    /// Run the export a job file describes (TOML; its keys are the export flags). Flags after
+    /// the file override it; environment variables override the file.
+    Run(RunArgs),
     /// Run a real export of a generated table to a local directory and show the result.
     Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The job file.
+    job: std::path::PathBuf,
+    /// Export flags that override the job file, e.g. `--to null:` or `--print-config`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "FLAGS")]
+    overrides: Vec<std::ffi::OsString>,
 }
 
 #[derive(clap::Args)]
@@ -80,7 +92,16 @@ fn main() -> ExitCode {
     let format = cli.log_format;
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Export(args) => export(&args, format).await,
+            Command::Export(args) => {
+                // Re-read the flags with clap's matches, to tell defaults from given values.
+                let raw: Vec<_> = std::env::args_os().skip_while(|a| a != "export").skip(1).collect();
+                let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).ok();
+                export(&args, matches.map(|m| (m, Vec::new())), format).await
+            }
+            Command::Run(run) => match bq2sftp::jobfile::load(&run.job, &run.overrides) {
+                Ok((args, matches, from_file)) => export(&args, Some((matches, from_file)), format).await,
+                Err(e) => Err(Error::from(e).into()),
+            },
             Command::Demo(args) => demo(&args, format).await,
         }
     });
@@ -199,7 +220,18 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-async fn export(args: &ExportArgs, format: LogFormat) -> anyhow::Result<()> {
+async fn export(
+    args: &ExportArgs,
+    matches: Option<(clap::ArgMatches, Vec<String>)>,
+    format: LogFormat,
+) -> anyhow::Result<()> {
+    if args.print_config {
+        args.to_job().map_err(Error::from)?;
+        if let Some((m, from_file)) = matches {
+            print!("{}", bq2sftp::jobfile::describe(&m, &from_file));
+        }
+        return Ok(());
+    }
     let report = run_job(args).await?;
     print_summary(&report, format);
     Ok(())

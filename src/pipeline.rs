@@ -363,7 +363,7 @@ pub async fn run(
                 source: ctx.plan.description.clone(),
                 target: ctx.sink.describe(),
                 format: ctx.opts.format.name.to_string(),
-                compression: compression_name(&ctx.opts),
+                compression: codec_label(&ctx.opts).to_string(),
                 started_at: ctx.started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 finished_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 total_rows: rows,
@@ -457,14 +457,6 @@ fn codec_label(opts: &PipelineOptions) -> &'static str {
         }
     } else {
         opts.compression.name()
-    }
-}
-
-fn compression_name(opts: &PipelineOptions) -> String {
-    if opts.format.internal_compression {
-        format!("{} (internal)", opts.format_options.parquet.codec.name())
-    } else {
-        opts.compression.name().to_string()
     }
 }
 

@@ -241,3 +241,59 @@ fn a_killed_export_resumed_writes_every_row_exactly_once() {
     assert!(ids.iter().copied().eq(0..rows), "every row exactly once");
     assert!(!files_in(&out).iter().any(|n| n.ends_with(".partial")));
 }
+
+#[test]
+fn job_files_run_with_flags_over_environment_over_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let job = tmp.path().join("nightly.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "# nightly export\nfrom = \"synthetic://?rows=300&flat=true\"\nto = \"{}\"\nformat = \"ndjson\"\nprefix = \"orders\"\nsuccess_marker = true\n",
+            to(&out)
+        ),
+    )
+    .unwrap();
+    let job = job.to_str().unwrap();
+    let ran = run(&["run", job]);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    assert!(out.join("orders-000-00000.json").exists() && out.join("_SUCCESS").exists(), "{:?}", files_in(&out));
+
+    // The environment beats the file, a flag beats both.
+    let show = |env: Option<&str>, flags: &[&str]| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["run", job]).args(flags).arg("--print-config");
+        if let Some(v) = env {
+            cmd.env("BQ2SFTP_FORMAT", v);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert!(show(None, &[]).contains("format = \"ndjson\"  # job file"));
+    assert!(show(Some("parquet"), &[]).contains("format = \"parquet\"  # environment"));
+    assert!(show(Some("parquet"), &["--format", "csv"]).contains("format = \"csv\"  # flag"));
+    assert!(show(None, &[]).contains("max-file-bytes = \"1GiB\"  # default"));
+
+    // A bad job file fails before anything runs, naming the file and the key.
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "from = \"synthetic://?rows=1\"\nto = \"null:\"\nformmat = \"csv\"\n").unwrap();
+    expect_failure(&["run", bad.to_str().unwrap()], exit::USAGE, &["bad.toml", "unknown key 'formmat'"]);
+    expect_failure(&["run", "/nonexistent/job.toml"], exit::USAGE, &["cannot read it"]);
+}
+
+#[test]
+fn print_config_validates_and_masks_nothing_it_should_not() {
+    let out =
+        run(&["export", "--from", "synthetic://?rows=1", "--to", "null:", "--compression", "zstd", "--print-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("compression = \"zstd\"  # flag") && text.contains("to = \"null:\"  # flag"), "{text}");
+    expect_failure(
+        &["export", "--from", "synthetic://?rows=1", "--to", "null:", "--format", "xml", "--print-config"],
+        exit::USAGE,
+        &["unknown format"],
+    );
+}

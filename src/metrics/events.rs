@@ -207,6 +207,10 @@ impl JobFinished {
         let m = global();
         m.job_duration_seconds.set(self.seconds);
         m.job_exit_code.set(i64::from(self.exit_code));
+        // Items dropped on a failure never left their queues; the next job starts from empty.
+        for stage in ["batches", "encoding", "upload"] {
+            m.queue_depth.with_label_values(&[stage]).set(0);
+        }
         let outcome = if self.exit_code == 0 { "success" } else { "failure" };
         m.jobs.with_label_values(&[outcome]).inc();
         if self.exit_code == 0 {
