@@ -512,7 +512,7 @@ fn export_synthetic_csv_gz_to_sftp_through_the_binary() {
     }
     assert_eq!(rows, 50000);
 
-    // A second run refuses to clobber (exit 5), a wrong host key is exit 3.
+    // A second run refuses to clobber (exit 2: the operator decides), a wrong host key is exit 3.
     let again = common::run(&[
         "export",
         "--from",
@@ -525,7 +525,8 @@ fn export_synthetic_csv_gz_to_sftp_through_the_binary() {
         sshd.user_key.to_str().unwrap(),
         "--no-agent",
     ]);
-    assert_eq!(again.status.code(), Some(5), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(again.status.code(), Some(2), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
     let pinned = common::run(&[
         "export",
         "--from",
@@ -548,8 +549,9 @@ fn target_from_the_environment_like_the_cloud_run_deployment() {
     let sshd = Sshd::start_with(SshdOptions { password_user: true, ..Default::default() });
     let out = std::process::Command::new(common::bin())
         .args(["export", "--from", "synthetic://?rows=1000&flat=true", "--to", "sftp:", "--format", "csv"])
-        .args(["--host-key-fingerprint", &sshd.fingerprint, "--no-agent"])
+        .args(["--host-key-fingerprint", &sshd.fingerprint, "--no-agent", "--no-state"])
         .env("BQ2SFTP_LOG", "warn")
+        .current_dir(std::env::temp_dir())
         .env("SFTP_HOST", "127.0.0.1")
         .env("SFTP_PORT", sshd.port.to_string())
         .env("SFTP_USERNAME", sshd::PASSWORD_USER)
@@ -563,6 +565,24 @@ fn target_from_the_environment_like_the_cloud_run_deployment() {
     let files = common::files_in(&sshd.root);
     assert!(files.contains(&"_MANIFEST.json".to_string()) && files.len() >= 2, "{files:?}");
     no_partials(&sshd.root);
+}
+
+/// deploy/gcp.sh's secrets: the key and the known_hosts lines themselves in variables.
+#[test]
+fn key_and_known_hosts_from_variables_like_deploy_gcp() {
+    let sshd = Sshd::start();
+    let local = tempfile::tempdir().unwrap();
+    let a = local.path().join("a.csv");
+    std::fs::write(&a, b"id\n1\n").unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["put", a.to_str().unwrap(), "--to", &sshd.url(""), "--no-agent"])
+        .env("BQ2SFTP_LOG", "warn")
+        .env("SFTP_PRIVATE_KEY", std::fs::read_to_string(&sshd.user_key).unwrap())
+        .env("SFTP_KNOWN_HOSTS", std::fs::read_to_string(&sshd.known_hosts).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(sshd.root.join("a.csv")).unwrap(), b"id\n1\n");
 }
 
 #[test]

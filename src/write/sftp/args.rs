@@ -3,11 +3,14 @@
 //!
 //! Every secret can come from the environment or a file instead of the command line (flags
 //! show in `ps` and shell history): `SFTP_PASSWORD` or `--sftp-password-file`,
-//! `SFTP_IDENTITY_PASSPHRASE` or `--identity-passphrase-file`. The environment names follow
-//! the seed guide's Cloud Run deployment (`SFTP_HOST`, `SFTP_USERNAME`, `SFTP_PASSWORD`,
-//! `SFTP_DIRECTORY`), so the same secrets mounted as env vars work unchanged.
+//! `SFTP_IDENTITY_PASSPHRASE` or `--identity-passphrase-file`, the key itself in
+//! `SFTP_PRIVATE_KEY`. A secret value may also be a reference, as job files use them:
+//! `file:PATH` (the file's contents) or `env:NAME`. The environment names follow the seed
+//! guide's Cloud Run deployment (`SFTP_HOST`, `SFTP_USERNAME`, `SFTP_PASSWORD`,
+//! `SFTP_DIRECTORY`), and deploy/gcp.sh's (`SFTP_PRIVATE_KEY`, `SFTP_KNOWN_HOSTS` holding the
+//! key and the known_hosts lines themselves), so secrets mounted as variables work unchanged.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -59,7 +62,8 @@ pub struct SftpArgs {
     #[arg(long, env = "SFTP_DIRECTORY", value_name = "DIR")]
     pub sftp_dir: Option<String>,
 
-    /// Password (prefer the SFTP_PASSWORD variable or --sftp-password-file: flags show in `ps`).
+    /// Password, or a reference to it (file:PATH, env:NAME). Prefer the SFTP_PASSWORD variable
+    /// or --sftp-password-file: flags show in `ps`.
     #[arg(long, env = "SFTP_PASSWORD", hide_env_values = true, value_parser = secret, value_name = "PASSWORD")]
     pub sftp_password: Option<Secret>,
 
@@ -71,7 +75,11 @@ pub struct SftpArgs {
     #[arg(long, env = "SFTP_IDENTITY", value_name = "FILE")]
     pub identity: Option<PathBuf>,
 
-    /// Passphrase of the private key.
+    /// The private key itself (its text, or file:PATH / env:NAME), as Secret Manager mounts it.
+    #[arg(long, env = "SFTP_PRIVATE_KEY", hide_env_values = true, value_parser = secret, value_name = "KEY", conflicts_with = "identity")]
+    pub sftp_key_data: Option<Secret>,
+
+    /// Passphrase of the private key (or file:PATH, env:NAME).
     #[arg(long, env = "SFTP_IDENTITY_PASSPHRASE", hide_env_values = true, value_parser = secret, value_name = "PASSPHRASE")]
     pub identity_passphrase: Option<Secret>,
 
@@ -84,7 +92,8 @@ pub struct SftpArgs {
     pub no_agent: bool,
 
     /// known_hosts file to verify the server against (OpenSSH format; hashed and [host]:port
-    /// entries work). Default: ~/.ssh/known_hosts.
+    /// entries work), or its lines themselves (as a mounted secret holds them).
+    /// Default: ~/.ssh/known_hosts.
     #[arg(long, env = "SFTP_KNOWN_HOSTS", value_name = "FILE")]
     pub known_hosts: Option<PathBuf>,
 
@@ -187,14 +196,19 @@ impl SftpArgs {
         };
         cfg.password = match (&self.sftp_password_file, &self.sftp_password) {
             (Some(f), _) => Some(read("--sftp-password-file", f)?),
-            (None, Some(p)) => Some(p.clone()),
+            (None, Some(p)) => Some(resolve("--sftp-password", p)?),
             (None, None) => None,
         };
         cfg.password = cfg.password.take().filter(|p| !p.is_empty());
         cfg.identity = self.identity.clone();
+        cfg.identity_data = match &self.sftp_key_data {
+            Some(k) => Some(resolve("--sftp-key-data", k)?).filter(|k| !k.is_empty()),
+            None => None,
+        };
         cfg.passphrase = match (&self.identity_passphrase_file, &self.identity_passphrase) {
             (Some(f), _) => Some(read("--identity-passphrase-file", f)?),
-            (None, p) => p.clone(),
+            (None, Some(p)) => Some(resolve("--identity-passphrase", p)?),
+            (None, None) => None,
         };
         if let Some(key) = &cfg.identity
             && !key.is_file()
@@ -214,13 +228,7 @@ impl SftpArgs {
                 .collect::<Result<Vec<_>, _>>()?;
             HostKeyPolicy::Fingerprints(pins)
         } else if let Some(file) = &self.known_hosts {
-            if !file.is_file() {
-                return Err(ConfigError::invalid(
-                    format!("--known-hosts {}", file.display()),
-                    "no such file; create it with `ssh-keyscan -p PORT HOST > FILE` after checking the fingerprint",
-                ));
-            }
-            HostKeyPolicy::KnownHosts(file.clone())
+            HostKeyPolicy::KnownHosts(known_hosts_file(file)?)
         } else {
             cfg.host_keys.clone()
         };
@@ -249,6 +257,50 @@ impl SftpArgs {
         };
         cfg.validate()
     }
+}
+
+/// A secret as given, or what its reference points to: `file:PATH` (the file's contents,
+/// one trailing newline dropped) or `env:NAME`.
+pub fn resolve(flag: &str, given: &Secret) -> Result<Secret, ConfigError> {
+    let value = given.expose();
+    if let Some(path) = value.strip_prefix("file:") {
+        Secret::from_file(Path::new(path))
+            .map_err(|e| ConfigError::invalid(format!("{flag} file:{path}"), format!("cannot read it: {e}")))
+    } else if let Some(name) = value.strip_prefix("env:") {
+        std::env::var(name)
+            .map(Secret::new)
+            .map_err(|_| ConfigError::invalid(format!("{flag} env:{name}"), "the variable is not set"))
+    } else {
+        Ok(given.clone())
+    }
+}
+
+/// `--known-hosts`: a file, or known_hosts lines (what a secret mounted as a variable holds),
+/// which are written to a private file for the check.
+fn known_hosts_file(given: &Path) -> Result<PathBuf, ConfigError> {
+    if given.is_file() {
+        return Ok(given.to_path_buf());
+    }
+    let text = given.to_string_lossy();
+    let looks_like_lines = text.lines().any(|l| {
+        let mut fields = l.split_whitespace();
+        fields.next().is_some() && fields.next().is_some_and(|t| t.starts_with("ssh-") || t.starts_with("ecdsa-"))
+    });
+    if !looks_like_lines {
+        return Err(ConfigError::invalid(
+            format!("--known-hosts {text}"),
+            "no such file; create it with `ssh-keyscan -p PORT HOST > FILE` after checking the fingerprint",
+        ));
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    let path = std::env::temp_dir().join(format!("bq2sftp-known-hosts-{}-{:016x}", std::process::id(), h.finish()));
+    let mut body = text.into_owned();
+    body.push('\n');
+    std::fs::write(&path, body)
+        .map_err(|e| ConfigError::invalid("--known-hosts", format!("cannot write {}: {e}", path.display())))?;
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -295,6 +347,24 @@ mod tests {
         a.apply_to(&mut url).unwrap();
         assert_eq!(url.describe(), "sftp://other@h2:2222/out", "the URL wins");
         assert!(!format!("{a:?} {url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn secrets_by_reference_and_known_hosts_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "from-file\n").unwrap();
+        let reference = format!("file:{}", pw.display());
+        let line = "[h]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEOMqWcpEM9bAXgPlmDzhHzrZ7dOV27nFsk9hfGmMGgk";
+        let a = parse(&["--sftp-password", &reference, "--known-hosts", line]);
+        let mut cfg = SftpConfig::from_url("sftp://u@h:2222/d").unwrap();
+        a.apply_to(&mut cfg).unwrap();
+        assert_eq!(cfg.password.as_ref().map(Secret::expose), Some("from-file"));
+        let HostKeyPolicy::KnownHosts(file) = &cfg.host_keys else { panic!("known_hosts expected") };
+        assert!(std::fs::read_to_string(file).unwrap().contains(line));
+        let a = parse(&["--sftp-password", "env:BQ2SFTP_TEST_SURELY_UNSET_VAR"]);
+        let err = a.apply_to(&mut SftpConfig::from_url("sftp://u@h/d").unwrap()).unwrap_err().to_string();
+        assert!(err.contains("not set"), "{err}");
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct SftpConfig {
     pub dir: String,
     pub password: Option<Secret>,
     pub identity: Option<PathBuf>,
+    /// The private key's text, when it comes from a secret rather than a file.
+    pub identity_data: Option<Secret>,
     pub passphrase: Option<Secret>,
     /// Try the keys of the ssh-agent at `SSH_AUTH_SOCK`.
     pub use_agent: bool,
@@ -122,6 +124,7 @@ impl SftpConfig {
             dir: String::new(),
             password: None,
             identity: None,
+            identity_data: None,
             passphrase: None,
             use_agent: std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| !s.is_empty()),
             host_keys: HostKeyPolicy::KnownHosts(default_known_hosts()),
@@ -155,11 +158,14 @@ impl SftpConfig {
         if self.dir.contains('\0') || self.host.contains(['/', '@', ' ']) {
             return Err(ConfigError::invalid(what(), "the host or directory contains characters a path cannot hold"));
         }
-        if self.password.is_none() && self.identity.is_none() && !self.use_agent {
+        if self.password.is_none() && self.identity.is_none() && self.identity_data.is_none() && !self.use_agent {
             return Err(ConfigError::invalid(
                 what(),
-                "no credentials: pass --identity KEY, set SFTP_PASSWORD (or --sftp-password-file), or run an ssh-agent (SSH_AUTH_SOCK)",
+                "no credentials: pass --identity KEY (or the key in SFTP_PRIVATE_KEY), set SFTP_PASSWORD (or --sftp-password-file), or run an ssh-agent (SSH_AUTH_SOCK)",
             ));
+        }
+        if self.identity.is_some() && self.identity_data.is_some() {
+            return Err(ConfigError::invalid("--identity/--sftp-key-data", "give the private key one way, not both"));
         }
         if self.connections == 0 || self.requests == 0 {
             return Err(ConfigError::invalid("--sftp-connections/--sftp-requests", "must be at least 1"));

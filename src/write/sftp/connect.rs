@@ -10,7 +10,7 @@
 //! `--sftp-retries` attempts.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -26,6 +26,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::config::{self, SftpConfig};
 use super::hostkey::{self, HostKeyPolicy, Verdict};
 use super::protocol::Session;
+use super::secret::Secret;
 use crate::write::WriteError;
 
 /// Most bytes one SFTP write may carry on a server that advertises limits@openssh.com: we
@@ -157,11 +158,20 @@ impl Dialer {
     /// Loads the private key, if any. A key that cannot be read or decrypted is an
     /// authentication problem, reported before anything touches the network.
     pub fn new(cfg: Arc<SftpConfig>) -> Result<Self, WriteError> {
-        let key = match &cfg.identity {
-            None => None,
-            Some(path) => Some(Arc::new(load_key(&cfg, path)?)),
+        let key = match (&cfg.identity, &cfg.identity_data) {
+            (Some(path), _) => Some(Arc::new(load_key(&cfg, path)?)),
+            (None, Some(text)) => Some(Arc::new(decode_key(&cfg, text)?)),
+            (None, None) => None,
         };
         Ok(Dialer { cfg, key, serial: AtomicU64::new(0) })
+    }
+
+    /// Where the private key came from, for messages.
+    fn key_source(&self) -> String {
+        match &self.cfg.identity {
+            Some(path) => path.display().to_string(),
+            None => "from SFTP_PRIVATE_KEY".to_string(),
+        }
     }
 
     pub fn target(&self) -> String {
@@ -327,7 +337,7 @@ impl Dialer {
         let mut offered: Option<Vec<MethodKind>> = None;
         let allows = |offered: &Option<Vec<MethodKind>>, m: MethodKind| offered.as_ref().is_none_or(|o| o.contains(&m));
 
-        if let (Some(key), Some(path)) = (&self.key, &cfg.identity) {
+        if let Some(key) = &self.key {
             let hashes: Vec<Option<HashAlg>> = if key.algorithm().is_rsa() {
                 match ssh.best_supported_rsa_hash().await.map_err(lost)? {
                     Some(best) => vec![best],
@@ -345,7 +355,7 @@ impl Dialer {
                     AuthResult::Failure { remaining_methods, .. } => offered = Some(remaining_methods.to_vec()),
                 }
             }
-            tried.push(format!("publickey {} ({})", path.display(), hostkey::fingerprint(key.public_key())));
+            tried.push(format!("publickey {} ({})", self.key_source(), hostkey::fingerprint(key.public_key())));
         }
 
         if cfg.use_agent && allows(&offered, MethodKind::PublicKey) {
@@ -423,22 +433,30 @@ async fn keyboard_interactive(ssh: &mut Handle<Client>, user: &str, password: &s
     Ok(false)
 }
 
-fn load_key(cfg: &SftpConfig, path: &PathBuf) -> Result<PrivateKey, WriteError> {
+fn load_key(cfg: &SftpConfig, path: &Path) -> Result<PrivateKey, WriteError> {
+    let text = std::fs::read_to_string(path).map_err(|e| WriteError::Auth {
+        target: cfg.describe(),
+        message: format!("cannot read private key {}: {e}", path.display()),
+    })?;
+    decode(cfg, &text, &path.display().to_string())
+}
+
+fn decode_key(cfg: &SftpConfig, text: &Secret) -> Result<PrivateKey, WriteError> {
+    decode(cfg, text.expose(), "from SFTP_PRIVATE_KEY")
+}
+
+fn decode(cfg: &SftpConfig, text: &str, source: &str) -> Result<PrivateKey, WriteError> {
     let passphrase = cfg.passphrase.as_ref().map(|p| p.expose());
-    russh::keys::load_secret_key(path, passphrase).map_err(|e| {
+    russh::keys::decode_secret_key(text, passphrase).map_err(|e| {
         let hint = match (&e, passphrase) {
             (russh::keys::Error::KeyIsEncrypted, None) => {
                 "the key is encrypted; pass its passphrase in SFTP_IDENTITY_PASSPHRASE or --identity-passphrase-file"
                     .to_string()
             }
-            (russh::keys::Error::IO(io), _) => format!("cannot read it: {io}"),
             (e, Some(_)) => format!("{e} (wrong passphrase?)"),
             (e, None) => e.to_string(),
         };
-        WriteError::Auth {
-            target: cfg.describe(),
-            message: format!("cannot load private key {}: {hint}", path.display()),
-        }
+        WriteError::Auth { target: cfg.describe(), message: format!("cannot load private key {source}: {hint}") }
     })
 }
 
