@@ -56,7 +56,7 @@ fn no_partials(dir: &Path) {
 
 #[tokio::test]
 async fn password_authentication_and_a_wrong_password() {
-    let sshd = Sshd::start_with(SshdOptions { password_user: true, ..Default::default() });
+    let Some(sshd) = Sshd::with_password_user(SshdOptions::default()) else { return };
     let mut cfg = sshd.config("");
     cfg.identity = None;
     cfg.password = Some(Secret::new(sshd::PASSWORD));
@@ -73,7 +73,9 @@ async fn password_authentication_and_a_wrong_password() {
 
 #[tokio::test]
 async fn keyboard_interactive_when_the_server_only_offers_that() {
-    let sshd = Sshd::start_with(SshdOptions { password_user: true, keyboard_interactive: true, ..Default::default() });
+    let Some(sshd) = Sshd::with_password_user(SshdOptions { keyboard_interactive: true, ..Default::default() }) else {
+        return;
+    };
     let mut cfg = sshd.config("");
     cfg.identity = None;
     cfg.password = Some(Secret::new(sshd::PASSWORD));
@@ -268,7 +270,7 @@ async fn inplace_writes_the_final_name_and_still_refuses_to_clobber() {
 
 #[tokio::test]
 async fn permission_denied_on_the_directory() {
-    let sshd = Sshd::start_with(SshdOptions { password_user: true, ..Default::default() });
+    let Some(sshd) = Sshd::with_password_user(SshdOptions::default()) else { return };
     let locked = sshd.root.join("locked");
     std::fs::create_dir(&locked).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -288,7 +290,7 @@ async fn a_failed_write_keeps_the_file_and_says_why() {
     if !Path::new("/dev/full").exists() {
         return;
     }
-    let sshd = Sshd::start_with(SshdOptions { password_user: true, ..Default::default() });
+    let Some(sshd) = Sshd::with_password_user(SshdOptions::default()) else { return };
     let mut cfg = SftpConfig::from_url(&format!("sftp://{}@127.0.0.1:{}/dev", sshd::PASSWORD_USER, sshd.port)).unwrap();
     cfg.use_agent = false;
     cfg.password = Some(Secret::new(sshd::PASSWORD));
@@ -546,7 +548,7 @@ fn export_synthetic_csv_gz_to_sftp_through_the_binary() {
 /// SFTP_DIRECTORY, with `--to sftp:`.
 #[test]
 fn target_from_the_environment_like_the_cloud_run_deployment() {
-    let sshd = Sshd::start_with(SshdOptions { password_user: true, ..Default::default() });
+    let Some(sshd) = Sshd::with_password_user(SshdOptions::default()) else { return };
     let out = std::process::Command::new(common::bin())
         .args(["export", "--from", "synthetic://?rows=1000&flat=true", "--to", "sftp:", "--format", "csv"])
         .args(["--host-key-fingerprint", &sshd.fingerprint, "--no-agent", "--no-state"])

@@ -114,6 +114,18 @@ impl Sshd {
         Sshd::start_with(SshdOptions::default())
     }
 
+    /// A server where [`PASSWORD_USER`] logs in with [`PASSWORD`]. Creating that account
+    /// needs root (CI and scripts/test.sh run as root); otherwise the test says so and skips.
+    pub fn with_password_user(opts: SshdOptions) -> Option<Sshd> {
+        if !is_root() {
+            eprintln!(
+                "SKIPPED: this test needs root to create the account {PASSWORD_USER}; run scripts/test.sh as root"
+            );
+            return None;
+        }
+        Some(Sshd::start_with(SshdOptions { password_user: true, ..opts }))
+    }
+
     pub fn start_with(opts: SshdOptions) -> Sshd {
         if opts.password_user {
             ensure_password_user();

@@ -125,10 +125,11 @@ impl Pool {
         {
             return Ok(c.clone());
         }
-        if let Some(old) = current.take() {
-            tracing::info!(serial = old.serial, slot, "sftp: reconnecting");
-        }
+        let replacing = current.take().is_some();
         let fresh = self.dialer.connect_attempts(connect_attempts).await?;
+        if replacing {
+            crate::metrics::events::Reconnected { sink: &self.dialer.target(), attempt: fresh.serial as u32 }.emit();
+        }
         *current = Some(fresh.clone());
         Ok(fresh)
     }

@@ -436,11 +436,12 @@ impl Driver {
                 return Err(self.connection_lost(budget, &why));
             }
             let low = self.low_watermark();
-            tracing::warn!(
-                file = %self.name,
-                offset = low,
-                "sftp: connection lost ({why}); reconnecting to resume from the server's copy"
-            );
+            crate::metrics::events::UploadRetry {
+                sink: &self.shared.cfg.describe(),
+                file: &self.name,
+                error: &format!("connection lost ({why}); resuming from byte {low} on a new connection"),
+            }
+            .emit();
             let slot = self.lanes[lane].slot.slot;
             let conn = match self.shared.pool.get(slot).await {
                 Ok(c) => c,
