@@ -89,8 +89,14 @@ fn current_user() -> String {
     run(Command::new("id").arg("-un")).trim().to_string()
 }
 
-/// Creates [`PASSWORD_USER`] with [`PASSWORD`] if missing (root only).
+/// Creates [`PASSWORD_USER`] with [`PASSWORD`] if missing (root only), once per test process
+/// (concurrent `chpasswd` runs fail to lock /etc/shadow).
 pub fn ensure_password_user() {
+    static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut done = DONE.lock().unwrap_or_else(|p| p.into_inner());
+    if *done {
+        return;
+    }
     assert!(is_root(), "password tests need root (to create {PASSWORD_USER}); run them through scripts/test.sh");
     let exists = Command::new("id").arg(PASSWORD_USER).output().is_ok_and(|o| o.status.success());
     if !exists {
@@ -107,6 +113,7 @@ pub fn ensure_password_user() {
     use std::io::Write;
     child.stdin.take().expect("stdin").write_all(format!("{PASSWORD_USER}:{PASSWORD}\n").as_bytes()).expect("write");
     assert!(child.wait().expect("chpasswd").success(), "chpasswd failed");
+    *done = true;
 }
 
 impl Sshd {
