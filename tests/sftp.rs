@@ -218,6 +218,27 @@ async fn a_closed_port_fails_after_bounded_retries() {
     assert!(err.to_string().contains("Connection refused"), "{err}");
 }
 
+#[tokio::test]
+async fn a_server_that_never_answers_times_out() {
+    // Accepts TCP connections and says nothing, like a firewall that swallows the handshake.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let sshd = Sshd::start();
+    let mut cfg = sshd.config_for_port("", port);
+    cfg.retries = 1;
+    cfg.connect_timeout = std::time::Duration::from_millis(300);
+    let err = try_upload(sink(&sshd, cfg), "x").await.unwrap_err();
+    assert!(matches!(err, WriteError::Connect { attempts: 2, .. }), "{err:?}");
+    assert!(err.to_string().contains("--sftp-connect-timeout"), "{err}");
+    holder.abort();
+}
+
 // ---- directories, overwrite, in place ----
 
 #[tokio::test]

@@ -231,6 +231,9 @@ impl Dialer {
         let _ = socket.set_nodelay(true);
         let kill = CancellationToken::new();
         let stream = Killable::new(socket, kill.clone());
+        // Any way out of here but success (an error, or the connect timeout dropping this
+        // future) closes the socket, so no half-open session lingers in the background.
+        let kill_on_failure = kill.clone().drop_guard();
 
         let verdict = Arc::new(Mutex::new(None));
         let client = Client { policy: cfg.host_keys.clone(), host: host.to_string(), port, verdict: verdict.clone() };
@@ -281,6 +284,7 @@ impl Dialer {
         let write_len = write_len(cfg.write_size, sftp.limits.map(|l| l.max_write));
         let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(target = %self.target(), serial, write_len, "sftp connection open");
+        kill_on_failure.disarm();
         let conn = Arc::new(Conn { sftp, ssh, kill, serial, write_len });
         if let Some(timeout) = cfg.stall_timeout() {
             tokio::spawn(watchdog(Arc::downgrade(&conn), timeout));
