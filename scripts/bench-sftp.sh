@@ -4,7 +4,7 @@
 # that encodes to those bytes), OpenSSH `sftp -b` and paramiko `SFTPClient.put`, with the same
 # cipher, at several round-trip times simulated by a delay proxy (examples/delay_proxy.rs).
 #
-# Everything runs on 127.0.0.1; paramiko is installed from PyPI into a throwaway venv.
+# Everything runs on 127.0.0.1; paramiko is installed from PyPI into target/bench-venv-sftp.
 # Knobs (environment):
 #   BENCH_SIZE_MIB=1024          size of the CSV file
 #   BENCH_RTTS="0 10 40"         round-trip times in ms (0: direct to sshd)
@@ -107,8 +107,10 @@ rm -rf "$WORK/probe"
 echo "bench-sftp: $ROWS rows of CSV, $BYTES bytes; sshd $("$SSHD" -V 2>&1 | head -1 || true)" >&2
 
 HAVE_PARAMIKO=0
+VENV=$ROOT/target/bench-venv-sftp
 if [[ " $TOOLS " == *" paramiko "* ]]; then
-  if python3 -m venv "$WORK/venv" >/dev/null 2>&1 && "$WORK/venv/bin/pip" install -q paramiko >/dev/null 2>&1; then
+  if { [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" >/dev/null 2>&1; } &&
+     "$VENV/bin/pip" install -q paramiko >/dev/null 2>&1; then
     HAVE_PARAMIKO=1
   else
     echo "bench-sftp: cannot install paramiko (python3-venv and PyPI access needed); skipping it" >&2
@@ -157,7 +159,7 @@ run_once() {
       out=$WORK/files/sftp.csv ;;
     paramiko)
       [ "$HAVE_PARAMIKO" = 1 ] || { echo -; return; }
-      "$WORK/venv/bin/python" "$WORK/put.py" 127.0.0.1 "$port" "$USER_NAME" "$WORK/user_key" "$WORK/known_hosts" \
+      "$VENV/bin/python" "$WORK/put.py" 127.0.0.1 "$port" "$USER_NAME" "$WORK/user_key" "$WORK/known_hosts" \
         "$cipher" "$SRC" "$WORK/files/paramiko.csv" >"$WORK/run.log" 2>&1 || { echo -; return; }
       out=$WORK/files/paramiko.csv ;;
   esac
@@ -182,7 +184,7 @@ ratio() { if [ "$1" = - ] || [ "$2" = - ]; then echo -; else python3 -c "print(f
 TABLE=$WORK/table
 {
   echo "# bq2sftp SFTP upload benchmark: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $BYTES bytes of CSV, one sshd on 127.0.0.1"
-  echo "# bq2sftp --sftp-connections $CONNS; paramiko $( [ "$HAVE_PARAMIKO" = 1 ] && "$WORK/venv/bin/python" -c 'import paramiko; print(paramiko.__version__)' || echo n/a) (no chacha20-poly1305: it uses aes128-ctr there)"
+  echo "# bq2sftp --sftp-connections $CONNS; paramiko $( [ "$HAVE_PARAMIKO" = 1 ] && "$VENV/bin/python" -c 'import paramiko; print(paramiko.__version__)' || echo n/a) (no chacha20-poly1305: it uses aes128-ctr there)"
   printf "%-7s %-31s %12s %14s %9s %9s %12s %12s\n" rtt_ms cipher bq2sftp_put bq2sftp_export sftp paramiko put/sftp put/paramiko
 } > "$TABLE"
 cat "$TABLE" >&2

@@ -294,7 +294,6 @@ async fn demo(args: &DemoArgs, format: LogFormat) -> anyhow::Result<()> {
 /// `bq2sftp put`: streams each file to the target in 4 MiB chunks.
 async fn put(args: &PutArgs) -> anyhow::Result<()> {
     use bq2sftp::write::{PutMode, SinkConfig, TargetOptions};
-    use tokio::io::AsyncReadExt;
     const CHUNK: usize = 4 << 20;
 
     let usage = |what: String, problem: String| Error::from(bq2sftp::ConfigError::invalid(what, problem));
@@ -311,31 +310,40 @@ async fn put(args: &PutArgs) -> anyhow::Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| usage(path.display().to_string(), "not a file name".into()))?;
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| usage(path.display().to_string(), format!("cannot open: {e}")))?;
+        let file =
+            std::fs::File::open(path).map_err(|e| usage(path.display().to_string(), format!("cannot open: {e}")))?;
         let began = std::time::Instant::now();
         let mut upload = sink.create(&name, mode).await.map_err(Error::from)?;
-        loop {
-            let mut buf = bytes::BytesMut::with_capacity(CHUNK);
-            while buf.len() < CHUNK {
-                match file.read_buf(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = upload.abort().await;
-                        return Err(usage(path.display().to_string(), format!("cannot read: {e}")).into());
-                    }
+        // A reader thread reads straight into each chunk (tokio::fs would copy every byte once
+        // more through its own buffer), two chunks ahead of the upload.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = file;
+            loop {
+                let mut buf = Vec::with_capacity(CHUNK);
+                let read = (&mut file).take(CHUNK as u64).read_to_end(&mut buf);
+                let done = !matches!(read, Ok(n) if n > 0);
+                if tx.blocking_send(read.map(|_| buf)).is_err() || done {
+                    return;
                 }
             }
-            if buf.is_empty() {
-                break;
-            }
-            if let Err(e) = upload.put_part(buf.freeze()).await {
+        });
+        while let Some(chunk) = rx.recv().await {
+            let chunk = match chunk {
+                Ok(c) if c.is_empty() => break,
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = upload.abort().await;
+                    return Err(usage(path.display().to_string(), format!("cannot read: {e}")).into());
+                }
+            };
+            if let Err(e) = upload.put_part(bytes::Bytes::from(chunk)).await {
                 let _ = upload.abort().await;
                 return Err(Error::from(e).into());
             }
         }
+        let _ = reader.await;
         let bytes = upload.complete().await.map_err(Error::from)?;
         total += bytes;
         let secs = began.elapsed().as_secs_f64().max(1e-9);
