@@ -11,7 +11,7 @@
 #   BENCH_CIPHERS="aes128-gcm@openssh.com chacha20-poly1305@openssh.com"
 #   BENCH_TOOLS="bq2sftp-put bq2sftp-export sftp paramiko"
 #   BENCH_REPEAT=1               runs per cell; the best is reported
-#   BENCH_SFTP_CONNECTIONS=4     bq2sftp --sftp-connections
+#   BENCH_SFTP_CONNECTIONS=N     bq2sftp --sftp-connections (default: bq2sftp's own, 8)
 #   BENCH_OUT=FILE               also write the result table there
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ RTTS=${BENCH_RTTS:-0 10 40}
 CIPHERS=${BENCH_CIPHERS:-aes128-gcm@openssh.com chacha20-poly1305@openssh.com}
 TOOLS=${BENCH_TOOLS:-bq2sftp-put bq2sftp-export sftp paramiko}
 REPEAT=${BENCH_REPEAT:-1}
-CONNS=${BENCH_SFTP_CONNECTIONS:-4}
+CONNS=${BENCH_SFTP_CONNECTIONS:-}
 
 SSHD=$(command -v sshd || echo /usr/sbin/sshd)
 for tool in "$SSHD" ssh-keygen sftp python3; do
@@ -139,8 +139,8 @@ echo "put $SRC $WORK/files/sftp.csv" > "$WORK/batch"
 run_once() {
   local tool=$1 rtt=$2 cipher=$3 port=${PORTS[$2]} out=$WORK/files/out.csv
   local url="sftp://$USER_NAME@127.0.0.1:$port$WORK/files"
-  local common=(--identity "$WORK/user_key" --known-hosts "$WORK/known_hosts" --no-agent --ciphers "$cipher"
-                --sftp-connections "$CONNS" --overwrite)
+  local common=(--identity "$WORK/user_key" --known-hosts "$WORK/known_hosts" --no-agent --ciphers "$cipher" --overwrite)
+  if [ -n "$CONNS" ]; then common+=(--sftp-connections "$CONNS"); fi
   rm -f "$WORK"/files/*
   local start end
   start=$(date +%s.%N)
@@ -184,7 +184,7 @@ ratio() { if [ "$1" = - ] || [ "$2" = - ]; then echo -; else python3 -c "print(f
 TABLE=$WORK/table
 {
   echo "# bq2sftp SFTP upload benchmark: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $BYTES bytes of CSV, one sshd on 127.0.0.1"
-  echo "# bq2sftp --sftp-connections $CONNS; paramiko $( [ "$HAVE_PARAMIKO" = 1 ] && "$VENV/bin/python" -c 'import paramiko; print(paramiko.__version__)' || echo n/a) (no chacha20-poly1305: it uses aes128-ctr there)"
+  echo "# bq2sftp --sftp-connections ${CONNS:-default}; paramiko $( [ "$HAVE_PARAMIKO" = 1 ] && "$VENV/bin/python" -c 'import paramiko; print(paramiko.__version__)' || echo n/a) (no chacha20-poly1305: it uses aes128-ctr there)"
   printf "%-7s %-31s %12s %14s %9s %9s %12s %12s\n" rtt_ms cipher bq2sftp_put bq2sftp_export sftp paramiko put/sftp put/paramiko
 } > "$TABLE"
 cat "$TABLE" >&2

@@ -218,8 +218,8 @@ impl Sshd {
         if sub.is_empty() { self.root.clone() } else { self.root.join(sub) }
     }
 
-    /// A configuration for `sub` with key authentication and known_hosts verification, fast
-    /// retries, and the agent off (tests never use the developer's agent).
+    /// A configuration for `sub` with key authentication and a pinned host key, fast retries,
+    /// three connections, and the agent off (tests never use the developer's agent).
     pub fn config(&self, sub: &str) -> SftpConfig {
         self.config_for_port(sub, self.port)
     }
@@ -233,6 +233,8 @@ impl Sshd {
         cfg.host_keys = HostKeyPolicy::Fingerprints(vec![self.fingerprint.clone()]);
         cfg.retries = 3;
         cfg.retry_wait = Duration::from_millis(50);
+        // Enough to stripe large files over several channels, few enough to keep tests light.
+        cfg.connections = 3;
         cfg
     }
 
