@@ -272,6 +272,18 @@ async fn a_stale_partial_from_an_earlier_run_is_replaced() {
 }
 
 #[tokio::test]
+async fn the_partial_suffix_is_configurable() {
+    let sshd = Sshd::start();
+    let target = TargetOptions { partial_suffix: ".uploading".into(), ..Default::default() };
+    let s = sshd.sink_with(sshd.config(""), target);
+    let mut up = s.create("x.csv", PutMode::Create).await.unwrap();
+    up.put_part(Bytes::from_static(b"a,b\n")).await.unwrap();
+    assert_eq!(common::files_in(&sshd.root), ["x.csv.uploading"]);
+    up.complete().await.unwrap();
+    assert_eq!(common::files_in(&sshd.root), ["x.csv"]);
+}
+
+#[tokio::test]
 async fn inplace_writes_the_final_name_and_still_refuses_to_clobber() {
     let sshd = Sshd::start();
     let mut cfg = sshd.config("");
@@ -381,6 +393,12 @@ async fn half_a_gigabyte_streams_intact() {
         }
         hasher.update(&part);
         up.put_part(Bytes::from(part)).await.unwrap();
+        if i == PARTS / 2 {
+            // One large file, disjoint ranges over several channels: by now several
+            // sftp-server processes on the server hold the partial file open.
+            let writers = sshd::processes_with_open(&sshd.root.join("big.bin.partial"));
+            assert!(writers >= 2, "the file is written over {writers} channel(s)");
+        }
     }
     assert_eq!(up.complete().await.unwrap(), (PART * PARTS) as u64);
     let local = hex::encode(hasher.finalize());

@@ -259,6 +259,20 @@ impl Sshd {
     }
 }
 
+/// How many processes hold `path` open (from /proc/*/fd): on the server side of a test, one
+/// sftp-server per SFTP channel writing the file.
+pub fn processes_with_open(path: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|fds| fds.filter_map(|f| f.ok()).any(|f| std::fs::read_link(f.path()).is_ok_and(|t| t == path)))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
 /// PIDs whose parent is `pid`, from /proc/PID/stat (field 4, after the parenthesised name).
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
