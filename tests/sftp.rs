@@ -475,7 +475,11 @@ async fn a_stalled_connection_times_out_and_resumes() {
     let s = sink(&sshd, cfg);
     s.check().await.unwrap();
     let data = payload(12 << 20, 22);
-    upload(s.as_ref(), "stall.bin", &data, &[1 << 20], PutMode::Create).await.unwrap();
+    // A generous bound, so a broken timeout fails the test instead of hanging CI.
+    let done = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        upload(s.as_ref(), "stall.bin", &data, &[1 << 20], PutMode::Create).await
+    });
+    done.await.expect("the stalled connection was never given up").unwrap();
     assert_eq!(proxy.stalls(), 1);
     assert!(std::fs::read(sshd.root.join("stall.bin")).unwrap() == data);
     no_partials(&sshd.root);
