@@ -12,7 +12,7 @@ use crate::encode::{
 };
 use crate::error::ConfigError;
 use crate::pipeline::{self, FileMode, PipelineOptions};
-use crate::read::SourceConfig;
+use crate::read::bigquery::args::BigQueryArgs;
 use crate::template::{DEFAULT_TEMPLATE, NameTemplate};
 use crate::write::{PutMode, SinkConfig, TargetOptions};
 
@@ -36,8 +36,8 @@ pub enum NestedArg {
 pub struct ExportArgs {
     /// Source URL: bq://PROJECT.DATASET.TABLE, parquet:///path (file or directory),
     /// synthetic://?rows=N&streams=K[&seed=S][&flat=true].
-    #[arg(long, value_name = "URL")]
-    pub from: String,
+    #[arg(long, value_name = "URL", required_unless_present_any = ["query", "query_file"])]
+    pub from: Option<String>,
 
     /// Target URL: dir:///path, sftp://USER@HOST[:PORT]/DIR, null: (discard, for benchmarks).
     #[arg(long, value_name = "URL")]
@@ -134,6 +134,9 @@ pub struct ExportArgs {
     /// Rows per encoding job.
     #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
     pub chunk_rows: usize,
+
+    #[command(flatten)]
+    pub bigquery: BigQueryArgs,
 }
 
 /// Parses `1GiB`, `512MiB`, `100MB`, `64k`, `1048576`.
@@ -184,7 +187,7 @@ fn delimiter(value: &str) -> Result<u8, ConfigError> {
 impl ExportArgs {
     /// Validates every flag and builds the job. No I/O happens here.
     pub fn to_job(&self) -> Result<Job, ConfigError> {
-        let source = SourceConfig::parse(&self.from)?;
+        let source = self.bigquery.source_config(self.from.as_deref())?;
         let target = SinkConfig::parse(&self.to)?;
         let format = encode::format(&self.format)?;
 

@@ -40,7 +40,8 @@ async fn missing_directory_is_refused_unless_create_dirs() {
     let err = dir_sink(&target).check().await.unwrap_err();
     assert!(matches!(err, WriteError::DirMissing { .. }), "{err:?}");
     assert!(err.to_string().contains("--create-dirs"));
-    let sink = DirSink::new(DirOptions { path: target.clone() }, TargetOptions { create_dirs: true, ..Default::default() });
+    let sink =
+        DirSink::new(DirOptions { path: target.clone() }, TargetOptions { create_dirs: true, ..Default::default() });
     sink.check().await.unwrap();
     assert!(target.is_dir());
     assert!(common::files_in(&target).is_empty(), "the writability probe is removed");

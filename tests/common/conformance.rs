@@ -26,7 +26,13 @@ pub fn payload(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Uploads `data` in parts of the given sizes (cycled) and completes.
-pub async fn upload(sink: &dyn Sink, name: &str, data: &[u8], parts: &[usize], mode: PutMode) -> Result<u64, WriteError> {
+pub async fn upload(
+    sink: &dyn Sink,
+    name: &str,
+    data: &[u8],
+    parts: &[usize],
+    mode: PutMode,
+) -> Result<u64, WriteError> {
     let mut up = sink.create(name, mode).await?;
     let mut at = 0;
     let mut sizes = parts.iter().cycle();
@@ -100,7 +106,9 @@ pub async fn concurrent_uploads(sink: Arc<dyn Sink>, dir: &Path) {
             let sink = sink.clone();
             tokio::spawn(async move {
                 let data = payload(150_000 + i as usize * 10_007, 100 + i);
-                upload(sink.as_ref(), &format!("c-{i:02}.bin"), &data, &[32_768, 50_001], PutMode::Create).await.unwrap();
+                upload(sink.as_ref(), &format!("c-{i:02}.bin"), &data, &[32_768, 50_001], PutMode::Create)
+                    .await
+                    .unwrap();
                 data
             })
         })
