@@ -20,6 +20,7 @@
 //! ```
 
 pub mod cli;
+pub mod emulator;
 pub mod encode;
 pub mod error;
 pub mod manifest;

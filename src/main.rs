@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bq2sftp::cli::ExportArgs;
+use bq2sftp::read::bigquery::BigQuerySource;
+use bq2sftp::read::{ReadError, SourceConfig};
 use bq2sftp::{Error, Progress, Report, exit};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +25,14 @@ Examples:
 
   # Local Parquet files to a directory as NDJSON
   bq2sftp export --from parquet:///data/orders --to dir:///srv/out --format ndjson
+
+  # Query mode: export a query's result; --dry-run shows the plan and reads nothing
+  bq2sftp export --query 'SELECT id, total FROM sales.orders WHERE day = CURRENT_DATE()' \\
+      --project my-project --location EU --to dir:///srv/out --format parquet
+
+  # A local BigQuery emulator serving ./tables/PROJECT.DATASET.TABLE.parquet
+  bq2sftp emulator --tables ./tables --port 9050 &
+  BIGQUERY_EMULATOR_HOST=127.0.0.1:9050 bq2sftp export --from bq://p.d.t --to dir://out
 
   # Measure encoding throughput without writing anything
   bq2sftp export --from 'synthetic://?rows=10M&streams=4&flat=true' --to null: --compression gzip
@@ -50,6 +60,8 @@ enum Command {
     Export(Box<ExportArgs>),
     /// Run a real export of a generated table to a local directory and show the result.
     Demo(DemoArgs),
+    /// Serve Parquet files as BigQuery tables (Storage Read API + query REST calls) for tests and demos.
+    Emulator(bq2sftp::emulator::EmulatorArgs),
 }
 
 #[derive(clap::Args)]
@@ -76,6 +88,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Export(args) => export(&args).await,
             Command::Demo(args) => demo(&args).await,
+            Command::Emulator(args) => emulator(&args).await,
         }
     });
     match result {
@@ -162,21 +175,75 @@ fn spawn_ticker(progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
 }
 
 async fn export(args: &ExportArgs) -> anyhow::Result<()> {
+    if args.bigquery.dry_run {
+        return dry_run(args).await;
+    }
     let report = run_job(args).await?;
     eprintln!("{}", summary(&report));
+    Ok(())
+}
+
+/// `--dry-run`: the read plan of a BigQuery source, nothing read.
+async fn dry_run(args: &ExportArgs) -> anyhow::Result<()> {
+    let job = args.to_job().map_err(Error::from)?;
+    let SourceConfig::BigQuery(options) = &job.source else {
+        anyhow::bail!(Error::from(bq2sftp::ConfigError::invalid(
+            "--dry-run",
+            "only applies to bq:// sources and --query"
+        )));
+    };
+    let source = BigQuerySource::new((**options).clone()).map_err(|e| Error::from(ReadError::from(e)))?;
+    let text = source.dry_run().await.map_err(|e| Error::from(ReadError::from(e)))?;
+    print!("{text}");
+    Ok(())
+}
+
+/// `bq2sftp emulator`: serves until SIGINT/SIGTERM.
+async fn emulator(args: &bq2sftp::emulator::EmulatorArgs) -> anyhow::Result<()> {
+    let config = args.to_config().map_err(Error::from)?;
+    let handle = bq2sftp::emulator::start(config)
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    eprintln!(
+        "bq2sftp emulator: serving {}/PROJECT.DATASET.TABLE.parquet on {} (gRPC and REST); \
+         use BIGQUERY_EMULATOR_HOST={}",
+        args.tables.display(),
+        handle.local_addr(),
+        handle.host_port()
+    );
+    let stop = CancellationToken::new();
+    cancel_on_signal(stop.clone());
+    stop.cancelled().await;
+    handle.shutdown().await;
     Ok(())
 }
 
 async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let dir = std::path::Path::new(&args.out);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the demo directory {}", dir.display()))?;
-    let export = ExportArgs::try_parse_demo(&args.out, args.rows)?;
+    // A generated table with every flat BigQuery type, written as Parquet and served by the
+    // in-process emulator on 127.0.0.1: the export below is a real Storage Read API read.
+    let tables = std::env::temp_dir().join(format!("bq2sftp-demo-tables-{}", std::process::id()));
+    std::fs::create_dir_all(&tables).with_context(|| format!("cannot create {}", tables.display()))?;
+    let _cleanup = RemoveOnDrop(tables.clone());
+    let table = bq2sftp::read::bigquery::TableRef::parse(DEMO_TABLE).map_err(Error::from)?;
+    eprintln!("demo: generating a {}-row table with every BigQuery type as Parquet…", group(args.rows));
+    let options = bq2sftp::read::synthetic::SyntheticOptions { rows: args.rows, flat: true, ..Default::default() };
+    let dir2 = tables.clone();
+    tokio::task::spawn_blocking(move || bq2sftp::emulator::write_synthetic_table(&dir2, &table, options))
+        .await?
+        .context("cannot write the demo table")?;
+    let config = bq2sftp::emulator::EmulatorConfig { tables: Some(tables.clone()), ..Default::default() };
+    let emulator = bq2sftp::emulator::start(config).await.context("cannot start the BigQuery emulator")?;
+    let export = ExportArgs::try_parse_demo(&args.out, &emulator.host_port())?;
     eprintln!(
-        "demo: exporting a generated {}-row table (every BigQuery type, 4 streams) as gzipped CSV to {}/",
-        group(args.rows),
+        "demo: exporting bq://{DEMO_TABLE} from the BigQuery emulator on {} (Storage Read API, 4 streams) as gzipped CSV to {}/",
+        emulator.host_port(),
         args.out
     );
-    let report = run_job(&export).await?;
+    let report = run_job(&export).await;
+    emulator.shutdown().await;
+    let report = report?;
     for f in &report.files {
         eprintln!(
             "  {:<32} {:>12} rows {:>10}  sha256 {}…",
@@ -197,18 +264,29 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+const DEMO_TABLE: &str = "demo-project.demo.orders";
+
+/// Removes a temporary directory when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 trait DemoExport {
-    fn try_parse_demo(out: &str, rows: u64) -> anyhow::Result<ExportArgs>;
+    fn try_parse_demo(out: &str, emulator: &str) -> anyhow::Result<ExportArgs>;
 }
 
 impl DemoExport for ExportArgs {
-    fn try_parse_demo(out: &str, rows: u64) -> anyhow::Result<ExportArgs> {
+    fn try_parse_demo(out: &str, emulator: &str) -> anyhow::Result<ExportArgs> {
         #[derive(Parser)]
         struct Wrapper {
             #[command(flatten)]
             export: ExportArgs,
         }
-        let from = format!("synthetic://?rows={rows}&streams=4&flat=true");
+        let from = format!("bq://{DEMO_TABLE}");
         let to = format!("dir://{out}");
         let w = Wrapper::try_parse_from([
             "demo",
@@ -224,6 +302,10 @@ impl DemoExport for ExportArgs {
             "demo",
             "--overwrite",
             "--success-marker",
+            "--emulator",
+            emulator,
+            "--min-streams",
+            "4",
         ])?;
         Ok(w.export)
     }
