@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod google;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
