@@ -77,10 +77,13 @@ pub enum CatalogError {
     Load { table: String, message: String },
 }
 
+/// A loaded file: its modification time and length when read, and the table.
+type Loaded = (SystemTime, u64, Arc<Table>);
+
 /// Tables by name: files in a directory plus in-memory query results.
 pub struct Catalog {
     dir: Option<PathBuf>,
-    files: Mutex<HashMap<PathBuf, (SystemTime, u64, Arc<Table>)>>,
+    files: Mutex<HashMap<PathBuf, Loaded>>,
     results: Mutex<HashMap<String, Arc<Table>>>,
 }
 

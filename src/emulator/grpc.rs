@@ -303,7 +303,7 @@ impl BigQueryRead for Service {
                     serialized_schema: session.schema_ipc.clone(),
                 })),
                 table: session_in2.table.clone(),
-                table_modifiers: session_in2.table_modifiers.clone(),
+                table_modifiers: session_in2.table_modifiers,
                 read_options: session_in2.read_options.clone(),
                 streams: names,
                 estimated_total_bytes_scanned: table.bytes(projection.schema()) as i64,

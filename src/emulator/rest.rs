@@ -79,9 +79,9 @@ fn error(status: StatusCode, reason: &str, message: &str) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn check_auth(state: &State, headers: &HeaderMap) -> Result<(), Response> {
+fn check_auth(state: &State, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    state.check_token(header).map_err(|m| error(StatusCode::UNAUTHORIZED, "unauthorized", m))
+    state.check_token(header).map_err(|m| Box::new(error(StatusCode::UNAUTHORIZED, "unauthorized", m)))
 }
 
 fn now_ms() -> i64 {
@@ -193,7 +193,7 @@ async fn insert_job(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = check_auth(&state, &headers) {
-        return r;
+        return *r;
     }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return error(StatusCode::BAD_REQUEST, "parseError", "The request body is not valid JSON");
@@ -260,14 +260,14 @@ async fn insert_job(
     Json(body).into_response()
 }
 
-fn find_job(state: &State, project: &str, job: &str) -> Result<Job, Response> {
+fn find_job(state: &State, project: &str, job: &str) -> Result<Job, Box<Response>> {
     state
         .jobs
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&format!("{project}/{job}"))
         .cloned()
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, "notFound", &format!("Not found: Job {project}:{job}")))
+        .ok_or_else(|| Box::new(error(StatusCode::NOT_FOUND, "notFound", &format!("Not found: Job {project}:{job}"))))
 }
 
 async fn get_job(
@@ -276,11 +276,11 @@ async fn get_job(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = check_auth(&state, &headers) {
-        return r;
+        return *r;
     }
     match find_job(&state, &project, &job) {
         Ok(j) => Json(job_json(&j)).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -290,7 +290,7 @@ async fn get_query_results(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = check_auth(&state, &headers) {
-        return r;
+        return *r;
     }
     let job = {
         let mut jobs = state.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -332,7 +332,7 @@ async fn get_table(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = check_auth(&state, &headers) {
-        return r;
+        return *r;
     }
     let name = TableRef { project, dataset, table };
     let state2 = state.clone();

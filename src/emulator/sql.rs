@@ -634,7 +634,7 @@ fn parse_time(s: &str) -> Option<i64> {
     let t = NaiveTime::parse_from_str(s.trim(), "%H:%M:%S%.f")
         .or_else(|_| NaiveTime::parse_from_str(s.trim(), "%H:%M"))
         .ok()?;
-    Some(t.signed_duration_since(NaiveTime::MIN).num_microseconds()?)
+    t.signed_duration_since(NaiveTime::MIN).num_microseconds()
 }
 
 fn parse_datetime(s: &str) -> Option<i64> {

@@ -425,7 +425,7 @@ impl TokenProvider {
                     }
                     message
                 }
-                Err(e) => format!("{}", without_url(&e)),
+                Err(e) => without_url(&e),
             };
             if attempt >= policy.max_attempts {
                 return Err(AuthError::TokenEndpoint {

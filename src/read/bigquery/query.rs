@@ -211,7 +211,7 @@ impl RestClient<'_> {
         let body = Self::job_body(q, project, None, true);
         let job = match self.call("jobs.insert (dry run)", &url, |c| c.post(&url).json(&body)).await? {
             Ok(v) => v,
-            Err((status, body)) if status == 400 => {
+            Err((400, body)) => {
                 let (message, reason) = api_error(&body);
                 return Err(BigQueryError::QueryFailed { job: "dry run".into(), message, reason });
             }
