@@ -21,9 +21,11 @@ fn decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("ipc_decode");
     // Throughput in uncompressed Arrow bytes, so the codecs compare on the same scale.
     group.throughput(Throughput::Bytes(raw));
-    for (name, codec) in
-        [("none", BufferCompression::None), ("lz4_frame", BufferCompression::Lz4Frame), ("zstd", BufferCompression::Zstd)]
-    {
+    for (name, codec) in [
+        ("none", BufferCompression::None),
+        ("lz4_frame", BufferCompression::Lz4Frame),
+        ("zstd", BufferCompression::Zstd),
+    ] {
         let message = Bytes::from(BatchEncoder::new(codec).unwrap().encode(&batch).unwrap());
         let decoder = BatchDecoder::new(Arc::new(batch.schema().as_ref().clone()));
         group.bench_function(name, |b| b.iter(|| black_box(decoder.decode(message.clone()).unwrap())));

@@ -375,6 +375,47 @@ async fn connections_cut_mid_response_resume_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_session_creation_is_retried() {
+    let dir = tables();
+    let emu = emulator(dir.path()).await;
+    emu.set_faults(Faults { create_unavailable: 2, ..Default::default() });
+    let (report, _, _) = bq_csv(&emu, "p.d.flat", &[]).await;
+    assert_eq!(report.rows, ROWS);
+    assert_eq!(emu.stats().sessions_created.load(Ordering::Relaxed), 1);
+
+    // Bounded: with --read-retries 2 the second UNAVAILABLE is the end.
+    emu.set_faults(Faults { create_unavailable: 100, ..Default::default() });
+    let (_out, url) = out_dir();
+    let host = emu.host_port();
+    let err = export(&[
+        "--from",
+        "bq://p.d.flat",
+        "--to",
+        &url,
+        "--emulator",
+        &host,
+        "--read-retries",
+        "2",
+        "--retry-initial-backoff",
+        "1ms",
+    ])
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("gave up after 2 attempts"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_larger_than_tonics_default_limit_are_read() {
+    // One ~9 MB response (tonic refuses more than 4 MiB unless told otherwise).
+    let dir = tempfile::tempdir().unwrap();
+    write_table(dir.path(), "p.d.big", SyntheticOptions { rows: 40_000, flat: true, ..Default::default() });
+    let emu = start_emulator(dir.path(), |c| c.response_rows = 40_000).await;
+    let (report, _, rows) = bq_csv(&emu, "p.d.big", &["--max-streams", "1", "--arrow-compression", "none"]).await;
+    assert_eq!((report.rows, rows.len()), (40_000, 40_000));
+    assert_eq!(emu.stats().responses.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resource_exhausted_is_retried_only_with_retry_info() {
     let dir = tables();
     let emu = emulator(dir.path()).await;

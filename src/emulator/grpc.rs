@@ -81,24 +81,45 @@ impl StreamEntry {
         self.end - self.start
     }
 
-    /// Slices of rows `from..to` (absolute in `data`), each at most `max` rows.
+    /// Rows `from..to` (absolute in `data`) as responses of at most `max` rows; a response
+    /// may span stored batches, as BigQuery's responses are not tied to storage blocks.
     fn slices(&self, from: u64, to: u64, max: usize) -> Vec<RecordBatch> {
         let mut out = Vec::new();
+        let mut pending: Vec<RecordBatch> = Vec::new();
+        let mut pending_rows = 0usize;
+        let flush = |pending: &mut Vec<RecordBatch>, out: &mut Vec<RecordBatch>| match pending.len() {
+            0 => {}
+            1 => out.extend(pending.drain(..)),
+            _ => {
+                let schema = pending[0].schema();
+                match arrow_select::concat::concat_batches(&schema, pending.iter()) {
+                    Ok(b) => out.push(b),
+                    Err(_) => out.append(pending),
+                }
+                pending.clear();
+            }
+        };
         let mut base = 0u64;
         for b in self.data.iter() {
             let n = b.num_rows() as u64;
             let (lo, hi) = (from.max(base), to.min(base + n));
             let mut at = lo;
             while at < hi {
-                let len = (hi - at).min(max as u64);
-                out.push(b.slice((at - base) as usize, len as usize));
+                let len = (hi - at).min((max - pending_rows) as u64);
+                pending.push(b.slice((at - base) as usize, len as usize));
+                pending_rows += len as usize;
                 at += len;
+                if pending_rows == max {
+                    flush(&mut pending, &mut out);
+                    pending_rows = 0;
+                }
             }
             base += n;
             if base >= to {
                 break;
             }
         }
+        flush(&mut pending, &mut out);
         out
     }
 }
@@ -323,6 +344,7 @@ impl BigQueryRead for Service {
     async fn read_rows(&self, request: Request<ReadRowsRequest>) -> Result<Response<Self::ReadRowsStream>, Status> {
         let state = self.state.clone();
         auth(request.metadata(), &state)?;
+        routing(request.metadata(), "read_stream", &request.get_ref().read_stream, &state)?;
         let req = request.into_inner();
         state.stats.read_rows_calls.fetch_add(1, Ordering::Relaxed);
         let entry = self.stream_entry(&req.read_stream)?;

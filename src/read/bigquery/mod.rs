@@ -638,9 +638,14 @@ impl StreamReader {
                 Err(CallError::Auth(e)) => return Err(e.into()),
                 Err(CallError::Status(s)) => s,
                 Ok(mut responses) => loop {
-                    let next = match tokio::time::timeout(idle, responses.message()).await {
-                        Ok(r) => r,
-                        Err(_) => Err(Status::deadline_exceeded(format!("no response for {idle:?}"))),
+                    // Stop as soon as the pipeline drops the stream (a failure elsewhere, a
+                    // signal), not only when the next response arrives.
+                    let next = tokio::select! {
+                        _ = tx.closed() => return Ok(()),
+                        r = tokio::time::timeout(idle, responses.message()) => match r {
+                            Ok(r) => r,
+                            Err(_) => Err(Status::deadline_exceeded(format!("no response for {idle:?}"))),
+                        },
                     };
                     let resp = match next {
                         Ok(Some(resp)) => resp,
