@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the integration tests need (OpenSSH's sshd for the
-# SFTP tests), then runs the format check, clippy with warnings as errors, and every test.
+# SFTP tests, a Prometheus Pushgateway for the metrics push), then runs the format check, clippy with warnings as errors, and every test.
 # CI runs exactly this on a fresh clone (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ as_root() {
 missing=()
 if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then missing+=(openssh-server); fi
 if ! command -v ssh-keygen >/dev/null 2>&1; then missing+=(openssh-client); fi
+if ! command -v prometheus-pushgateway >/dev/null 2>&1; then missing+=(prometheus-pushgateway); fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   as_root apt-get update -qq

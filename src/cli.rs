@@ -11,7 +11,7 @@ use crate::encode::{
     self, Compression, FormatOptions, csv::CsvOptions, csv::NestedMode, parquet::Codec, parquet::ParquetOptions,
 };
 use crate::error::ConfigError;
-use crate::pipeline::{self, FileMode, PipelineOptions};
+use crate::pipeline::{self, FileMode, PipelineOptions, StateOptions};
 use crate::read::bigquery::args::BigQueryArgs;
 use crate::template::{DEFAULT_TEMPLATE, NameTemplate};
 use crate::write::{PutMode, SinkConfig, TargetOptions};
@@ -36,23 +36,23 @@ pub enum NestedArg {
 pub struct ExportArgs {
     /// Source URL: bq://PROJECT.DATASET.TABLE, parquet:///path (file or directory),
     /// synthetic://?rows=N&streams=K[&seed=S][&flat=true].
-    #[arg(long, value_name = "URL", required_unless_present_any = ["query", "query_file"])]
+    #[arg(long, value_name = "URL", env = "BQ2SFTP_FROM", required_unless_present_any = ["query", "query_file"])]
     pub from: Option<String>,
 
     /// Target URL: dir:///path, sftp://USER@HOST[:PORT]/DIR, null: (discard, for benchmarks).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "BQ2SFTP_TO")]
     pub to: String,
 
     /// Output format: csv, parquet or ndjson.
-    #[arg(long, default_value = "csv")]
+    #[arg(long, default_value = "csv", env = "BQ2SFTP_FORMAT")]
     pub format: String,
 
     /// csv/ndjson: none, gzip or zstd (default none). parquet: zstd (default), snappy, gzip, none.
-    #[arg(long)]
+    #[arg(long, env = "BQ2SFTP_COMPRESSION")]
     pub compression: Option<String>,
 
-    /// Compression level (gzip 1-12, default 6; zstd 1-22, default 3).
-    #[arg(long, value_name = "N")]
+    /// Compression level (gzip 1-12, default 6; zstd 1-22, default 3, for parquet 1).
+    #[arg(long, value_name = "N", env = "BQ2SFTP_COMPRESSION_LEVEL")]
     pub compression_level: Option<i32>,
 
     /// per-stream: a file series per read stream, in parallel. single: one file series.
@@ -60,19 +60,19 @@ pub struct ExportArgs {
     pub file_mode: FileModeArg,
 
     /// Start a new file when this size would be exceeded (e.g. 1GiB, 500MB, 1048576).
-    #[arg(long, default_value = "1GiB", value_name = "SIZE")]
+    #[arg(long, default_value = "1GiB", value_name = "SIZE", env = "BQ2SFTP_MAX_FILE_BYTES")]
     pub max_file_bytes: String,
 
     /// Start a new file after this many rows.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "BQ2SFTP_MAX_FILE_ROWS")]
     pub max_file_rows: Option<u64>,
 
     /// File names: {prefix} {stream} {seq} {date} {ext}, numbers padded as {seq:05}.
-    #[arg(long, default_value = DEFAULT_TEMPLATE, value_name = "TEMPLATE")]
+    #[arg(long, default_value = DEFAULT_TEMPLATE, value_name = "TEMPLATE", env = "BQ2SFTP_NAME_TEMPLATE")]
     pub name_template: String,
 
     /// {prefix} in file names (default: the table or file name).
-    #[arg(long)]
+    #[arg(long, env = "BQ2SFTP_PREFIX")]
     pub prefix: Option<String>,
 
     /// Replace files that already exist in the target (refused by default).
@@ -120,7 +120,7 @@ pub struct ExportArgs {
     pub csv_nested: NestedArg,
 
     /// Parquet: close a row group once it holds this much encoded data.
-    #[arg(long, default_value = "64MiB", value_name = "SIZE")]
+    #[arg(long, default_value = "32MiB", value_name = "SIZE")]
     pub parquet_row_group_bytes: String,
 
     /// Streams read and uploaded at once (default: twice the cores, at least 4).
@@ -131,12 +131,59 @@ pub struct ExportArgs {
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
+    /// Continue an interrupted run of this same job from its state file: committed files are
+    /// kept, each unfinished stream restarts at its first uncommitted row. Without a state
+    /// file the job starts afresh.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Where this job records its progress for --resume (default:
+    /// .bq2sftp-state/JOB-ID.json in the working directory).
+    #[arg(long, value_name = "PATH", env = "BQ2SFTP_STATE_FILE")]
+    pub state_file: Option<std::path::PathBuf>,
+
+    /// Keep no state file (the job cannot be resumed).
+    #[arg(long, conflicts_with_all = ["resume", "state_file"])]
+    pub no_state: bool,
+
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+
+    /// Print the effective configuration (flags, environment, job file, defaults; secrets
+    /// masked) after validating it, and exit without running.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Rows per encoding job.
     #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
     pub chunk_rows: usize,
 
     #[command(flatten)]
     pub bigquery: BigQueryArgs,
+}
+
+/// Where the job's Prometheus metrics go (any combination).
+#[derive(Debug, Clone, Default, Args)]
+pub struct MetricsArgs {
+    /// Serve /metrics on HOST:PORT while the job runs (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "HOST:PORT", env = "BQ2SFTP_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Push the metrics to this Pushgateway when the job ends, success or failure.
+    #[arg(long, value_name = "URL", env = "BQ2SFTP_PUSHGATEWAY")]
+    pub pushgateway: Option<String>,
+
+    /// Pushgateway grouping: job name.
+    #[arg(long, default_value = "bq2sftp", value_name = "NAME", env = "BQ2SFTP_PUSHGATEWAY_JOB")]
+    pub pushgateway_job: String,
+
+    /// Pushgateway grouping: instance (default: the host name).
+    #[arg(long, value_name = "NAME", env = "BQ2SFTP_PUSHGATEWAY_INSTANCE")]
+    pub pushgateway_instance: Option<String>,
+
+    /// Write the metrics for node_exporter's textfile collector when the job ends (atomically).
+    #[arg(long, value_name = "PATH", env = "BQ2SFTP_METRICS_TEXTFILE")]
+    pub metrics_textfile: Option<std::path::PathBuf>,
 }
 
 /// Parses `1GiB`, `512MiB`, `100MB`, `64k`, `1048576`.
@@ -240,6 +287,11 @@ impl ExportArgs {
         if self.max_file_rows == Some(0) {
             return Err(ConfigError::invalid("--max-file-rows", "must be at least 1"));
         }
+        if let Some(url) = &self.metrics.pushgateway
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(format!("--pushgateway {url}"), "must be an http:// or https:// URL"));
+        }
         if self.chunk_rows == 0 || self.concurrency == Some(0) || self.threads == Some(0) {
             return Err(ConfigError::invalid("--chunk-rows/--concurrency/--threads", "must be at least 1"));
         }
@@ -264,9 +316,44 @@ impl ExportArgs {
         }
         pipeline.chunk_rows = self.chunk_rows;
 
+        let fingerprint = self.fingerprint(&pipeline);
+        pipeline.state = (!self.no_state).then(|| StateOptions {
+            path: self.state_file.clone().unwrap_or_else(|| {
+                std::path::Path::new(crate::state::DEFAULT_STATE_DIR).join(format!("{}.json", &fingerprint[..16]))
+            }),
+            explicit: self.state_file.is_some(),
+            resume: self.resume,
+            fingerprint,
+        });
+
         let target_options =
             TargetOptions { create_dirs: self.create_dirs, partial_suffix: self.partial_suffix.clone() };
         Ok(Job { source, target, target_options, pipeline })
+    }
+}
+
+impl ExportArgs {
+    /// Identifies the job for its state file: what is read, where it goes and everything that
+    /// decides which rows land in which file under which name. Tuning flags (threads,
+    /// concurrency) are left out, so a resumed run may use different ones.
+    fn fingerprint(&self, p: &PipelineOptions) -> String {
+        use sha2::Digest;
+        let identity = format!(
+            "{:?}\n{}\n{}\n{}\n{:?}\n{:?}\n{}\n{}\n{:?}\n{}\n{:?}\n{:?}",
+            self.from,
+            self.bigquery.identity(),
+            self.to,
+            p.format.name,
+            p.compression,
+            p.format_options,
+            p.template.as_str(),
+            p.prefix,
+            p.file_mode,
+            p.max_file_bytes,
+            p.max_file_rows,
+            self.chunk_rows,
+        );
+        hex::encode(sha2::Sha256::digest(identity.as_bytes()))
     }
 }
 

@@ -52,6 +52,8 @@ pub enum Error {
     Encode(#[from] EncodeError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// The job was cancelled (signal, or another part of the job failed first).
     #[error("interrupted: {0}; files committed so far are intact")]
     Interrupted(String),
@@ -72,7 +74,11 @@ impl Error {
             Error::Encode(e) if e.is_schema_problem() => exit::USAGE,
             Error::Encode(_) => exit::SOURCE,
             Error::Write(e) if e.is_permission() => exit::AUTH,
+            // Output from an earlier run is there: a decision for the operator (--overwrite,
+            // another target), not a fault of the target.
+            Error::Write(WriteError::Exists { .. }) => exit::USAGE,
             Error::Write(_) => exit::TARGET,
+            Error::State(_) => exit::USAGE,
             Error::Interrupted(_) => exit::RESUMABLE,
             Error::Internal(_) => exit::INTERNAL,
         }

@@ -23,9 +23,14 @@ pub mod cli;
 pub mod emulator;
 pub mod encode;
 pub mod error;
+pub mod jobfile;
+pub mod logging;
 pub mod manifest;
+pub mod metrics;
 pub mod pipeline;
+pub mod progress;
 pub mod read;
+pub mod state;
 pub mod template;
 pub mod write;
 
@@ -48,9 +53,16 @@ pub struct Job {
 impl Job {
     /// Runs the job until done, failed, or `cancel`led.
     pub async fn run_with(&self, cancel: CancellationToken, progress: Arc<Progress>) -> Result<Report, Error> {
-        let source = self.source.build()?;
-        let sink = self.target.build(&self.target_options)?;
-        pipeline::run(source, sink, self.pipeline.clone(), cancel, progress).await
+        let started = std::time::Instant::now();
+        let result = async {
+            let source = self.source.build()?;
+            let sink = self.target.build(&self.target_options)?;
+            pipeline::run(source, sink, self.pipeline.clone(), cancel, progress).await
+        }
+        .await;
+        let exit_code = result.as_ref().map_or_else(Error::exit_code, |_| exit::OK);
+        metrics::events::JobFinished { exit_code, seconds: started.elapsed().as_secs_f64() }.emit();
+        result
     }
 }
 

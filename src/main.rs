@@ -1,16 +1,15 @@
-//! The `bq2sftp` command: parses flags, builds a [`bq2sftp::Job`], runs it, prints a summary
-//! and exits with the documented code (see `bq2sftp::exit` and the README).
+//! The `bq2sftp` command: parses flags, builds a [`bq2sftp::Job`], runs it with progress,
+//! metrics and signal handling, prints a summary and exits with the documented code (see
+//! `bq2sftp::exit` and the README).
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use bq2sftp::cli::ExportArgs;
-use bq2sftp::read::bigquery::BigQuerySource;
-use bq2sftp::read::{ReadError, SourceConfig};
-use bq2sftp::{Error, Progress, Report, exit};
+use bq2sftp::cli::{ExportArgs, MetricsArgs};
+use bq2sftp::logging::{self, LogFormat};
+use bq2sftp::progress::{group, human_bytes};
+use bq2sftp::{Error, Progress, Report, exit, metrics};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +48,10 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
 
+    /// Log as text, or as JSON lines with Cloud Logging's fields (severity, message, timestamp).
+    #[arg(long, value_enum, default_value = "text", global = true, env = "BQ2SFTP_LOG_FORMAT")]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -58,10 +61,22 @@ enum Command {
     /// Export a table (or query result, or file) to a target.
     #[command(after_help = EXAMPLES)]
     Export(Box<ExportArgs>),
+    /// Run the export a job file describes (TOML; its keys are the export flags). Flags after
+    /// the file override it; environment variables override the file.
+    Run(RunArgs),
     /// Run a real export of a generated table to a local directory and show the result.
     Demo(DemoArgs),
     /// Serve Parquet files as BigQuery tables (Storage Read API + query REST calls) for tests and demos.
     Emulator(bq2sftp::emulator::EmulatorArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The job file.
+    job: std::path::PathBuf,
+    /// Export flags that override the job file, e.g. `--to null:` or `--print-config`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "FLAGS")]
+    overrides: Vec<std::ffi::OsString>,
 }
 
 #[derive(clap::Args)]
@@ -76,7 +91,7 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    logging::init(cli.log_format, cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bq2sftp").build() {
         Ok(r) => r,
         Err(e) => {
@@ -84,33 +99,51 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
+    let format = cli.log_format;
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Export(args) => export(&args).await,
-            Command::Demo(args) => demo(&args).await,
+            Command::Export(args) => {
+                // Re-read the flags with clap's matches, to tell defaults from given values.
+                let raw: Vec<_> = std::env::args_os().skip_while(|a| a != "export").skip(1).collect();
+                let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).ok();
+                export(&args, matches.map(|m| (m, Vec::new())), format).await
+            }
+            Command::Run(run) => match bq2sftp::jobfile::load(&run.job, &run.overrides) {
+                Ok((args, matches, from_file)) => export(&args, Some((matches, from_file)), format).await,
+                Err(e) => Err(Error::from(e).into()),
+            },
+            Command::Demo(args) => demo(&args, format).await,
             Command::Emulator(args) => emulator(&args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            eprintln!("error: {e:#}");
             let code = e.downcast_ref::<Error>().map_or(exit::INTERNAL, Error::exit_code);
+            report_error(format, &format!("{e:#}"), code);
+            if let Some(hint) = RESUME_HINT.get()
+                && code != exit::USAGE
+            {
+                report_error(format, hint, code);
+            }
             ExitCode::from(code)
         }
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BQ2SFTP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("bq2sftp={default},warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+fn report_error(format: LogFormat, message: &str, code: u8) {
+    match format {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "severity": "ERROR",
+                "message": message,
+                "exit_code": code,
+                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            })
+        ),
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM (what Kubernetes and Cloud Run send before killing).
@@ -139,58 +172,92 @@ fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
+/// Set when a failed job left a state file: how to continue it.
+static RESUME_HINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
     let job = args.to_job().map_err(Error::from)?;
+    let server = match args.metrics.metrics_addr {
+        Some(addr) => {
+            let (bound, task) = metrics::serve(addr).await.map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!("serving metrics on http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
     let cancel = CancellationToken::new();
     cancel_on_signal(cancel.clone());
     let progress = Arc::new(Progress::default());
-    let ticker = spawn_ticker(progress.clone());
+    let display = bq2sftp::progress::spawn(progress.clone());
     let result = job.run_with(cancel, progress).await;
-    ticker.abort();
+    display.abort();
+    let _ = display.await;
+    publish_metrics(&args.metrics).await;
+    if let Some(task) = server {
+        task.abort();
+    }
+    if result.is_err()
+        && let Some(state) = job.pipeline.state.as_ref().filter(|s| s.path.exists())
+    {
+        let _ = RESUME_HINT.set(format!(
+            "hint: committed files are kept and progress is saved in {}; run the same command with --resume to finish the job",
+            state.path.display()
+        ));
+    }
     Ok(result?)
 }
 
-/// A one-line progress report every few seconds on stderr (a bar comes with the metrics work).
-fn spawn_ticker(progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
-    let interval = if std::io::stderr().is_terminal() { Duration::from_secs(2) } else { Duration::from_secs(30) };
-    tokio::spawn(async move {
-        let start = std::time::Instant::now();
-        let mut tick = tokio::time::interval(interval);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let rows = progress.rows_read.load(std::sync::atomic::Ordering::Relaxed);
-            let bytes = progress.committed_bytes.load(std::sync::atomic::Ordering::Relaxed);
-            let files = progress.committed_files.load(std::sync::atomic::Ordering::Relaxed);
-            let secs = start.elapsed().as_secs_f64();
-            eprintln!(
-                "progress: {} rows read ({:.0} rows/s), {} files / {} committed",
-                group(rows),
-                rows as f64 / secs,
-                files,
-                human_bytes(bytes)
-            );
+/// The end-of-job push and textfile; their failures are logged, never the job's outcome.
+async fn publish_metrics(args: &MetricsArgs) {
+    if let Some(url) = &args.pushgateway {
+        let instance = args.pushgateway_instance.clone().unwrap_or_else(hostname);
+        match metrics::push(url, &args.pushgateway_job, &instance).await {
+            Ok(()) => tracing::info!(url, "metrics pushed"),
+            Err(e) => tracing::warn!("{e}"),
         }
-    })
+    }
+    if let Some(path) = &args.metrics_textfile
+        && let Err(e) = metrics::write_textfile(path)
+    {
+        tracing::warn!("{e}");
+    }
 }
 
-async fn export(args: &ExportArgs) -> anyhow::Result<()> {
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+async fn export(
+    args: &ExportArgs,
+    matches: Option<(clap::ArgMatches, Vec<String>)>,
+    format: LogFormat,
+) -> anyhow::Result<()> {
+    if args.print_config {
+        args.to_job().map_err(Error::from)?;
+        if let Some((m, from_file)) = matches {
+            print!("{}", bq2sftp::jobfile::describe(&m, &from_file));
+        }
+        return Ok(());
+    }
     if args.bigquery.dry_run {
         return dry_run(args).await;
     }
     let report = run_job(args).await?;
-    eprintln!("{}", summary(&report));
+    print_summary(&report, format);
     Ok(())
 }
 
 /// `--dry-run`: the read plan of a BigQuery source, nothing read.
 async fn dry_run(args: &ExportArgs) -> anyhow::Result<()> {
+    use bq2sftp::read::{ReadError, SourceConfig, bigquery::BigQuerySource};
     let job = args.to_job().map_err(Error::from)?;
     let SourceConfig::BigQuery(options) = &job.source else {
-        anyhow::bail!(Error::from(bq2sftp::ConfigError::invalid(
-            "--dry-run",
-            "only applies to bq:// sources and --query"
-        )));
+        let problem = "only applies to bq:// sources and --query";
+        anyhow::bail!(Error::from(bq2sftp::ConfigError::invalid("--dry-run", problem)));
     };
     let source = BigQuerySource::new((**options).clone()).map_err(|e| Error::from(ReadError::from(e)))?;
     let text = source.dry_run().await.map_err(|e| Error::from(ReadError::from(e)))?;
@@ -218,7 +285,18 @@ async fn emulator(args: &bq2sftp::emulator::EmulatorArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
+const DEMO_TABLE: &str = "demo-project.demo.orders";
+
+/// Removes a temporary directory when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn demo(args: &DemoArgs, format: LogFormat) -> anyhow::Result<()> {
     let dir = std::path::Path::new(&args.out);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the demo directory {}", dir.display()))?;
     // A generated table with every flat BigQuery type, written as Parquet and served by the
@@ -235,7 +313,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         .context("cannot write the demo table")?;
     let config = bq2sftp::emulator::EmulatorConfig { tables: Some(tables.clone()), ..Default::default() };
     let emulator = bq2sftp::emulator::start(config).await.context("cannot start the BigQuery emulator")?;
-    let export = ExportArgs::try_parse_demo(&args.out, &emulator.host_port())?;
+    let export = demo_export(&args.out, &emulator.host_port())?;
     eprintln!(
         "demo: exporting bq://{DEMO_TABLE} from the BigQuery emulator on {} (Storage Read API, 4 streams) as gzipped CSV to {}/",
         emulator.host_port(),
@@ -256,7 +334,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     if let Some(m) = &report.manifest {
         eprintln!("  {m:<32} (file list with rows, bytes and SHA-256)");
     }
-    eprintln!("{}", summary(&report));
+    print_summary(&report, format);
     eprintln!(
         "next: `zcat {}/*.csv.gz | head` to look at the rows; `bq2sftp export --help` for real exports",
         args.out
@@ -264,56 +342,41 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-const DEMO_TABLE: &str = "demo-project.demo.orders";
-
-/// Removes a temporary directory when dropped.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+fn demo_export(out: &str, emulator: &str) -> anyhow::Result<ExportArgs> {
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        export: ExportArgs,
     }
+    let from = format!("bq://{DEMO_TABLE}");
+    let to = format!("dir://{out}");
+    let w = Wrapper::try_parse_from([
+        "demo",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--format",
+        "csv",
+        "--compression",
+        "gzip",
+        "--prefix",
+        "demo",
+        "--overwrite",
+        "--success-marker",
+        "--no-state",
+        "--emulator",
+        emulator,
+        "--min-streams",
+        "4",
+    ])?;
+    Ok(w.export)
 }
 
-trait DemoExport {
-    fn try_parse_demo(out: &str, emulator: &str) -> anyhow::Result<ExportArgs>;
-}
-
-impl DemoExport for ExportArgs {
-    fn try_parse_demo(out: &str, emulator: &str) -> anyhow::Result<ExportArgs> {
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            export: ExportArgs,
-        }
-        let from = format!("bq://{DEMO_TABLE}");
-        let to = format!("dir://{out}");
-        let w = Wrapper::try_parse_from([
-            "demo",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--format",
-            "csv",
-            "--compression",
-            "gzip",
-            "--prefix",
-            "demo",
-            "--overwrite",
-            "--success-marker",
-            "--emulator",
-            emulator,
-            "--min-streams",
-            "4",
-        ])?;
-        Ok(w.export)
-    }
-}
-
-fn summary(r: &Report) -> String {
+/// The last line of every successful run: rows, files, bytes, duration, throughput, manifest.
+fn print_summary(r: &Report, format: LogFormat) {
     let secs = r.duration.as_secs_f64().max(1e-9);
-    format!(
+    let message = format!(
         "exported {} rows to {} file(s), {} ({} before compression) in {:.2}s: {:.0} rows/s, {}/s; target {}{}",
         group(r.rows),
         r.files.len(),
@@ -324,28 +387,22 @@ fn summary(r: &Report) -> String {
         human_bytes((r.encoded_bytes as f64 / secs) as u64),
         r.target,
         r.manifest.as_ref().map(|m| format!(", manifest {m}")).unwrap_or_default()
-    )
-}
-
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
+    );
+    match format {
+        LogFormat::Text => eprintln!("{message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "severity": "NOTICE",
+                "message": message,
+                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "rows": r.rows,
+                "files": r.files.len(),
+                "bytes": r.bytes,
+                "seconds": secs,
+                "destination": r.target,
+                "manifest": r.manifest,
+            })
+        ),
     }
-    out
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }

@@ -27,6 +27,7 @@
 //! manifest is written, so a consumer never mistakes a failed export for a whole one.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +43,10 @@ use tokio_util::sync::CancellationToken;
 use crate::encode::{Compression, Encoder, Format, FormatOptions, Part};
 use crate::error::{ConfigError, Error};
 use crate::manifest::{FileRecord, Manifest};
+pub use crate::metrics::Progress;
+use crate::metrics::events::{self, BatchRead, BytesUploaded, ChunkEncoded, FileCommitted, QueueDepth, StreamActive};
 use crate::read::{ReadPlan, Source, StreamSpec};
+use crate::state::{JobState, StateStore};
 use crate::template::{NameContext, NameTemplate};
 use crate::write::{PutMode, Sink, WriteError};
 
@@ -86,6 +90,20 @@ pub struct PipelineOptions {
     pub threads: usize,
     pub chunk_rows: usize,
     pub queue_batches: usize,
+    /// Where progress is recorded for `--resume`; `None` keeps no state.
+    pub state: Option<StateOptions>,
+}
+
+/// The state file of a job (see [`crate::state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateOptions {
+    pub path: PathBuf,
+    /// Given by the user: failing to write it fails the job (a default path only warns).
+    pub explicit: bool,
+    /// Continue the run recorded in the state file, if there is one.
+    pub resume: bool,
+    /// Identifies the job; a state file of another job is refused.
+    pub fingerprint: String,
 }
 
 impl PipelineOptions {
@@ -107,6 +125,7 @@ impl PipelineOptions {
             threads: cores,
             chunk_rows: DEFAULT_CHUNK_ROWS,
             queue_batches: DEFAULT_QUEUE_BATCHES,
+            state: None,
         }
     }
 
@@ -132,15 +151,6 @@ pub struct Report {
     pub manifest: Option<String>,
 }
 
-/// Counters shared by the lanes, read for the summary (and by progress reporting).
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub rows_read: AtomicU64,
-    pub encoded_bytes: AtomicU64,
-    pub committed_bytes: AtomicU64,
-    pub committed_files: AtomicU64,
-}
-
 struct Ctx {
     opts: PipelineOptions,
     plan: ReadPlan,
@@ -153,6 +163,8 @@ struct Ctx {
     progress: Arc<Progress>,
     /// Encoded bytes per row, smoothed, so chunks stay well below `max_file_bytes`.
     bytes_per_row: AtomicU64,
+    /// Progress for `--resume`, when kept.
+    state: Option<StateStore>,
 }
 
 impl Ctx {
@@ -199,7 +211,7 @@ pub async fn run(
     let clock = Instant::now();
     let started = Utc::now();
     sink.check().await?;
-    let plan = source.plan().await?;
+    let (plan, resumed) = open_plan(source.as_ref(), &opts).await?;
     // Refuse a schema the format cannot hold before anything is written.
     (opts.format.build)(&plan.schema, &opts.format_options, Part::Whole)?;
     if opts.file_mode == FileMode::PerStream && plan.streams.len() > 1 && !opts.template.has_stream() {
@@ -209,6 +221,9 @@ pub async fn run(
         )
         .into());
     }
+    progress.estimated_rows.store(plan.estimated_rows.unwrap_or(0), Ordering::Relaxed);
+    let resuming = resumed.is_some();
+    let state = make_state(&opts, &plan, started, resumed)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .thread_name(|i| format!("bq2sftp-encode-{i}"))
@@ -218,6 +233,7 @@ pub async fn run(
         .map_err(|e| Error::Internal(format!("cannot start encoder threads: {e}")))?;
     let ctx = Arc::new(Ctx {
         bytes_per_row: AtomicU64::new(100),
+        state,
         opts,
         plan,
         source,
@@ -228,25 +244,76 @@ pub async fn run(
         cancel,
         progress,
     });
-    refuse_existing(&ctx).await?;
+    if !resuming {
+        refuse_existing(&ctx).await?;
+    }
     tracing::info!(
         source = %ctx.plan.description.name,
-        target = %ctx.sink.describe(),
+        destination = %ctx.sink.describe(),
         streams = ctx.plan.streams.len(),
         format = ctx.opts.format.name,
         "export started"
     );
 
-    let lanes: Vec<(usize, Vec<StreamSpec>)> = match ctx.opts.file_mode {
-        FileMode::PerStream => ctx.plan.streams.iter().map(|s| (s.index, vec![s.clone()])).collect(),
+    // Files committed by an interrupted run, and where each unfinished lane picks up.
+    let previous = ctx.state.as_ref().map(StateStore::snapshot);
+    let mut files: Vec<FileRecord> =
+        previous.iter().flat_map(|s| s.lanes.values().flat_map(|l| l.files.clone())).collect();
+    let lanes: Vec<Lane> = match ctx.opts.file_mode {
+        FileMode::PerStream => ctx
+            .plan
+            .streams
+            .iter()
+            .filter_map(|s| {
+                let done = previous.as_ref().and_then(|p| p.lanes.get(&s.index));
+                match done {
+                    Some(l) if l.done => None,
+                    Some(l) => Some(Lane {
+                        index: s.index,
+                        streams: vec![s.clone()],
+                        offset: l.rows,
+                        next_seq: l.next_seq(),
+                        resumed: true,
+                    }),
+                    None => Some(Lane {
+                        index: s.index,
+                        streams: vec![s.clone()],
+                        offset: 0,
+                        next_seq: 0,
+                        resumed: resuming,
+                    }),
+                }
+            })
+            .collect(),
         FileMode::Single if ctx.plan.streams.is_empty() => Vec::new(),
-        FileMode::Single => vec![(0, ctx.plan.streams.clone())],
+        FileMode::Single => {
+            let l = previous.as_ref().and_then(|p| p.lanes.get(&0)).cloned().unwrap_or_default();
+            if l.done {
+                Vec::new()
+            } else {
+                vec![Lane {
+                    index: 0,
+                    streams: ctx.plan.streams.clone(),
+                    offset: l.rows,
+                    next_seq: l.next_seq(),
+                    resumed: resuming,
+                }]
+            }
+        }
     };
+    if resuming {
+        events::Resumed {
+            files: files.len() as u64,
+            bytes: files.iter().map(|f| f.bytes).sum(),
+            streams_left: lanes.len(),
+        }
+        .emit();
+    }
     let mut outcomes = futures::stream::iter(lanes)
-        .map(|(lane, streams)| {
+        .map(|lane| {
             let ctx = ctx.clone();
             async move {
-                tokio::spawn(run_lane(ctx, lane, streams)).await.unwrap_or_else(|e| LaneOutcome {
+                tokio::spawn(run_lane(ctx, lane)).await.unwrap_or_else(|e| LaneOutcome {
                     files: Vec::new(),
                     error: Some(Error::Internal(format!("lane task failed: {e}"))),
                 })
@@ -254,7 +321,6 @@ pub async fn run(
         })
         .buffer_unordered(ctx.opts.concurrency.max(1));
 
-    let mut files = Vec::new();
     let mut first_error: Option<Error> = None;
     while let Some(outcome) = outcomes.next().await {
         files.extend(outcome.files);
@@ -275,6 +341,9 @@ pub async fn run(
     files.sort_by_key(|f| (f.stream, f.seq));
     if let Some(e) = first_error {
         tracing::error!(committed_files = files.len(), "export failed: {e}");
+        if let Some(state) = &ctx.state {
+            tracing::warn!(state = %state.path().display(), "progress is saved: run the same command with --resume to continue");
+        }
         return Err(e);
     }
 
@@ -294,7 +363,7 @@ pub async fn run(
                 source: ctx.plan.description.clone(),
                 target: ctx.sink.describe(),
                 format: ctx.opts.format.name.to_string(),
-                compression: compression_name(&ctx.opts),
+                compression: codec_label(&ctx.opts).to_string(),
                 started_at: ctx.started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 finished_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 total_rows: rows,
@@ -310,6 +379,11 @@ pub async fn run(
     if let Some(marker) = &ctx.opts.success_marker {
         put_small(&ctx, marker, Bytes::new()).await?;
     }
+    if let Some(state) = &ctx.state
+        && let Err(e) = state.remove()
+    {
+        tracing::warn!("{e}");
+    }
     let report = Report {
         source: ctx.plan.description.name.clone(),
         target: ctx.sink.describe(),
@@ -324,11 +398,65 @@ pub async fn run(
     Ok(report)
 }
 
-fn compression_name(opts: &PipelineOptions) -> String {
+/// The plan to read: a fresh one, or with `--resume` the interrupted run's, reopened.
+async fn open_plan(source: &dyn Source, opts: &PipelineOptions) -> Result<(ReadPlan, Option<JobState>), Error> {
+    if let Some(state) = opts.state.as_ref().filter(|s| s.resume)
+        && let Some(saved) = StateStore::load(&state.path, &state.fingerprint)?
+    {
+        let plan = source.reopen(&saved.plan(&state.path)?).await?;
+        return Ok((plan, Some(saved)));
+    }
+    Ok((source.plan().await?, None))
+}
+
+/// Starts (or continues) the state file. Single-file mode interleaves streams, so its row
+/// positions cannot be replayed unless there is only one stream: no state is kept then.
+fn make_state(
+    opts: &PipelineOptions,
+    plan: &ReadPlan,
+    started: DateTime<Utc>,
+    resumed: Option<JobState>,
+) -> Result<Option<StateStore>, Error> {
+    let Some(options) = &opts.state else { return Ok(None) };
+    if opts.file_mode == FileMode::Single && plan.streams.len() > 1 {
+        if options.resume {
+            return Err(ConfigError::invalid(
+                "--resume",
+                "single-file mode interleaves the source's streams, so it cannot resume row for row; use --file-mode per-stream",
+            )
+            .into());
+        }
+        return Ok(None);
+    }
+    let store = match resumed {
+        Some(state) => StateStore::new(options.path.clone(), state),
+        None => {
+            let state = JobState::new(options.fingerprint.clone(), started.to_rfc3339(), plan);
+            let store = StateStore::new(options.path.clone(), state);
+            if let Err(e) = store.save() {
+                if options.explicit {
+                    return Err(e.into());
+                }
+                tracing::warn!("{e}; continuing without a state file, so --resume will not be possible");
+                return Ok(None);
+            }
+            store
+        }
+    };
+    Ok(Some(store))
+}
+
+/// The bounded `codec` label: the whole-file codec, or `parquet-<codec>` for Parquet's own.
+fn codec_label(opts: &PipelineOptions) -> &'static str {
     if opts.format.internal_compression {
-        format!("{} (internal)", opts.format_options.parquet.codec.name())
+        match opts.format_options.parquet.codec {
+            crate::encode::parquet::Codec::None => "parquet-none",
+            crate::encode::parquet::Codec::Snappy => "parquet-snappy",
+            crate::encode::parquet::Codec::Gzip(_) => "parquet-gzip",
+            crate::encode::parquet::Codec::Zstd(_) => "parquet-zstd",
+        }
     } else {
-        opts.compression.name().to_string()
+        opts.compression.name()
     }
 }
 
@@ -397,15 +525,30 @@ struct LaneOutcome {
     error: Option<Error>,
 }
 
-async fn run_lane(ctx: Arc<Ctx>, lane: usize, streams: Vec<StreamSpec>) -> LaneOutcome {
-    let (batch_tx, batch_rx) = mpsc::channel(ctx.opts.queue_batches.max(1));
-    let readers = tokio::spawn(read_streams(ctx.clone(), streams, batch_tx));
-    let (upload_tx, upload_rx) = mpsc::channel(UPLOAD_QUEUE);
-    let uploader = tokio::spawn(upload_files(ctx.sink.clone(), ctx.opts.put_mode, ctx.progress.clone(), upload_rx));
+/// One file series to produce: its streams, and where an interrupted run left it.
+struct Lane {
+    index: usize,
+    streams: Vec<StreamSpec>,
+    /// Rows of the lane already committed (its single stream's read offset).
+    offset: u64,
+    next_seq: u64,
+    /// Continues an interrupted run: the first file replaces whatever that run left.
+    resumed: bool,
+}
 
-    let series = FileSeries { ctx: ctx.clone(), lane, seq: 0, open: None, header: None, tx: upload_tx };
+async fn run_lane(ctx: Arc<Ctx>, lane: Lane) -> LaneOutcome {
+    let (batch_tx, batch_rx) = mpsc::channel(ctx.opts.queue_batches.max(1));
+    let readers = tokio::spawn(read_streams(ctx.clone(), lane.streams, lane.offset, batch_tx));
+    let (upload_tx, upload_rx) = mpsc::channel(UPLOAD_QUEUE);
+    // A resumed lane re-produces the file the interrupted run was writing, possibly already
+    // renamed into place before the state caught up: it replaces its own output.
+    let mode = if lane.resumed { PutMode::Overwrite } else { ctx.opts.put_mode };
+    let uploader = tokio::spawn(upload_files(ctx.clone(), lane.index, mode, upload_rx));
+
+    let series =
+        FileSeries { ctx: ctx.clone(), lane: lane.index, seq: lane.next_seq, open: None, header: None, tx: upload_tx };
     let encoded = if ctx.opts.format.splittable {
-        encode_rows(ctx.clone(), series, batch_rx).await
+        encode_rows(ctx.clone(), series, batch_rx, lane.offset).await
     } else {
         encode_files(ctx.clone(), series, batch_rx).await
     };
@@ -422,6 +565,12 @@ async fn run_lane(ctx: Arc<Ctx>, lane: usize, streams: Vec<StreamSpec>) -> LaneO
         (None, Err(e)) => Some(e),
         (None, Ok(())) => None,
     };
+    if error.is_none()
+        && let Some(state) = &ctx.state
+        && let Err(e) = state.finish_lane(lane.index)
+    {
+        tracing::warn!("{e}");
+    }
     LaneOutcome { files, error }
 }
 
@@ -429,6 +578,7 @@ async fn run_lane(ctx: Arc<Ctx>, lane: usize, streams: Vec<StreamSpec>) -> LaneO
 async fn read_streams(
     ctx: Arc<Ctx>,
     streams: Vec<StreamSpec>,
+    offset: u64,
     tx: mpsc::Sender<Result<RecordBatch, crate::read::ReadError>>,
 ) {
     let concurrency = ctx.opts.concurrency.max(1);
@@ -436,21 +586,25 @@ async fn read_streams(
         .for_each_concurrent(concurrency, |spec| {
             let (ctx, tx) = (ctx.clone(), tx.clone());
             async move {
-                let mut batches = ctx.source.clone().read(&ctx.plan, &spec, 0);
+                let mut batches = ctx.source.clone().read(&ctx.plan, &spec, offset);
+                StreamActive { stream: &spec.name, started: true }.emit();
                 loop {
                     let item = tokio::select! {
-                        _ = ctx.cancel.cancelled() => return,
+                        _ = ctx.cancel.cancelled() => break,
                         item = batches.next() => item,
                     };
-                    let Some(item) = item else { return };
+                    let Some(item) = item else { break };
                     if let Ok(b) = &item {
-                        ctx.progress.rows_read.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                        BatchRead { rows: b.num_rows() as u64, arrow_bytes: b.get_array_memory_size() as u64 }
+                            .emit(&ctx.progress);
                     }
                     let failed = item.is_err();
                     if tx.send(item).await.is_err() || failed {
-                        return;
+                        break;
                     }
+                    QueueDepth { stage: "batches", delta: 1 }.emit();
                 }
+                StreamActive { stream: &spec.name, started: false }.emit();
             }
         })
         .await;
@@ -472,11 +626,13 @@ async fn on_pool<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 's
 /// One encoded piece of a file.
 struct Chunk {
     rows: u64,
+    /// In-memory Arrow bytes of the rows (a share of the batch's buffers).
+    arrow_bytes: u64,
     raw_bytes: u64,
     data: Bytes,
 }
 
-fn encode_chunk(ctx: &Ctx, batch: &RecordBatch) -> Result<Chunk, Error> {
+fn encode_chunk(ctx: &Ctx, batch: &RecordBatch, arrow_bytes: u64) -> Result<Chunk, Error> {
     let opts = &ctx.opts;
     let mut encoder = (opts.format.build)(&ctx.plan.schema, &opts.format_options, Part::Body)?;
     encoder.write(batch)?;
@@ -491,7 +647,7 @@ fn encode_chunk(ctx: &Ctx, batch: &RecordBatch) -> Result<Chunk, Error> {
             out
         }
     };
-    Ok(Chunk { rows: batch.num_rows() as u64, raw_bytes, data: Bytes::from(data) })
+    Ok(Chunk { rows: batch.num_rows() as u64, arrow_bytes, raw_bytes, data: Bytes::from(data) })
 }
 
 /// Splits `batch` into encode jobs: at most `chunk_rows` rows each, never straddling a
@@ -518,17 +674,19 @@ async fn encode_rows(
     ctx: Arc<Ctx>,
     mut series: FileSeries,
     mut input: mpsc::Receiver<Result<RecordBatch, crate::read::ReadError>>,
+    offset: u64,
 ) -> Result<(), Error> {
     let in_flight = ctx.opts.threads.max(1) + 1;
     let mut pending = FuturesOrdered::new();
     let mut input_done = false;
-    let mut position = 0u64;
+    let mut position = offset;
     // The cancellation branch is always enabled, so the loop ends by this check, not `else`.
     while !(input_done && pending.is_empty()) {
         tokio::select! {
             biased;
             _ = ctx.cancel.cancelled() => return Err(interrupted()),
             Some(chunk) = pending.next(), if !pending.is_empty() => {
+                QueueDepth { stage: "encoding", delta: -1 }.emit();
                 let chunk: Chunk = chunk?;
                 if let Some(per_row) = chunk.raw_bytes.checked_div(chunk.rows) {
                     let per_row = per_row + 1;
@@ -539,10 +697,15 @@ async fn encode_rows(
             }
             item = input.recv(), if !input_done && pending.len() < in_flight => match item {
                 Some(Ok(batch)) => {
+                    QueueDepth { stage: "batches", delta: -1 }.emit();
+                    let arrow_bytes = batch.get_array_memory_size() as u64;
+                    let rows = batch.num_rows().max(1) as u64;
                     for slice in split(batch, ctx.chunk_rows(), ctx.opts.max_file_rows, &mut position) {
                         let job_ctx = ctx.clone();
-                        let job = on_pool(&ctx, move || encode_chunk(&job_ctx, &slice));
+                        let share = arrow_bytes * slice.num_rows() as u64 / rows;
+                        let job = on_pool(&ctx, move || encode_chunk(&job_ctx, &slice, share));
                         pending.push_back(async move { job.await? });
+                        QueueDepth { stage: "encoding", delta: 1 }.emit();
                     }
                 }
                 Some(Err(e)) => return Err(e.into()),
@@ -573,6 +736,9 @@ async fn encode_files(
             Some(Err(e)) => return Err(e.into()),
             None => break,
         };
+        QueueDepth { stage: "batches", delta: -1 }.emit();
+        let arrow_bytes = batch.get_array_memory_size() as u64;
+        let batch_rows = batch.num_rows().max(1) as u64;
         let mut offset = 0;
         while offset < batch.num_rows() {
             let len = ((max_rows - rows_in_file) as usize).min(batch.num_rows() - offset);
@@ -595,7 +761,8 @@ async fn encode_files(
             })
             .await??;
             rows_in_file += len as u64;
-            series.append(Bytes::from(out), len as u64, 0).await?;
+            let encoded = out.len() as u64;
+            series.append(Bytes::from(out), len as u64, encoded, arrow_bytes * len as u64 / batch_rows).await?;
             let full = rows_in_file >= max_rows || series.bytes() + buffered >= ctx.opts.max_file_bytes;
             if full {
                 finish_file(&ctx, &mut series, enc).await?;
@@ -618,7 +785,8 @@ async fn finish_file(ctx: &Ctx, series: &mut FileSeries, mut enc: Box<dyn Encode
         Ok(out)
     })
     .await??;
-    series.append(Bytes::from(out), 0, 0).await?;
+    let encoded = out.len() as u64;
+    series.append(Bytes::from(out), 0, encoded, 0).await?;
     series.close().await
 }
 
@@ -692,7 +860,7 @@ impl FileSeries {
         }
         let header = self.header.clone().unwrap_or_default();
         if !header.is_empty() {
-            self.append(header, 0, 0).await?;
+            self.append(header, 0, 0, 0).await?;
         }
         Ok(())
     }
@@ -709,10 +877,12 @@ impl FileSeries {
         if self.open.is_none() {
             self.open_with_header().await?;
         }
-        self.append(chunk.data, chunk.rows, chunk.raw_bytes).await
+        self.append(chunk.data, chunk.rows, chunk.raw_bytes, chunk.arrow_bytes).await
     }
 
-    async fn append(&mut self, data: Bytes, rows: u64, raw_bytes: u64) -> Result<(), Error> {
+    /// Appends encoded bytes holding `rows` rows (`raw_bytes` before compression, from
+    /// `arrow_bytes` of Arrow data) to the open file.
+    async fn append(&mut self, data: Bytes, rows: u64, raw_bytes: u64, arrow_bytes: u64) -> Result<(), Error> {
         let Some(mut file) = self.open.take() else {
             return Err(Error::Internal("append without an open file".into()));
         };
@@ -727,11 +897,19 @@ impl FileSeries {
             .map_err(|e| Error::Internal(format!("hash task failed: {e}")))?;
             file.hasher = hasher;
             file.bytes += data.len() as u64;
+            ChunkEncoded {
+                format: self.ctx.opts.format.name,
+                codec: codec_label(&self.ctx.opts),
+                arrow_bytes,
+                encoded_bytes: raw_bytes,
+                compressed_bytes: data.len() as u64,
+            }
+            .emit(&self.ctx.progress);
             self.send(UploadMsg::Part(data)).await?;
+            QueueDepth { stage: "upload", delta: 1 }.emit();
         }
         file.rows += rows;
         file.raw_bytes += raw_bytes;
-        self.ctx.progress.encoded_bytes.fetch_add(raw_bytes, Ordering::Relaxed);
         self.open = Some(file);
         Ok(())
     }
@@ -756,12 +934,9 @@ struct UploadOutcome {
 }
 
 /// Streams a lane's files to the sink, one at a time, in order.
-async fn upload_files(
-    sink: Arc<dyn Sink>,
-    mode: PutMode,
-    progress: Arc<Progress>,
-    mut rx: mpsc::Receiver<UploadMsg>,
-) -> UploadOutcome {
+async fn upload_files(ctx: Arc<Ctx>, lane: usize, mode: PutMode, mut rx: mpsc::Receiver<UploadMsg>) -> UploadOutcome {
+    let sink = ctx.sink.clone();
+    let target = sink.describe();
     let mut files = Vec::new();
     let mut current = None;
     let error = loop {
@@ -770,7 +945,12 @@ async fn upload_files(
             match msg {
                 UploadMsg::Begin { name } => current = Some(sink.create(&name, mode).await?),
                 UploadMsg::Part(data) => match current.as_mut() {
-                    Some(upload) => upload.put_part(data).await?,
+                    Some(upload) => {
+                        QueueDepth { stage: "upload", delta: -1 }.emit();
+                        let bytes = data.len() as u64;
+                        upload.put_part(data).await?;
+                        BytesUploaded { sink: &target, bytes }.emit();
+                    }
                     None => {
                         return Err(WriteError::Other {
                             target: sink.describe(),
@@ -793,9 +973,18 @@ async fn upload_files(
                             actual: committed,
                         });
                     }
-                    progress.committed_bytes.fetch_add(committed, Ordering::Relaxed);
-                    progress.committed_files.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(file = %record.name, rows = record.rows, bytes = record.bytes, "file committed");
+                    FileCommitted { sink: &target, name: &record.name, rows: record.rows, bytes: committed }
+                        .emit(&ctx.progress);
+                    if let Some(state) = &ctx.state {
+                        let ctx = ctx.clone();
+                        let r = record.clone();
+                        let saved =
+                            tokio::task::spawn_blocking(move || ctx.state.as_ref().map(|s| s.commit_file(lane, &r)))
+                                .await;
+                        if let Ok(Some(Err(e))) = saved {
+                            tracing::warn!(state = %state.path().display(), "{e}");
+                        }
+                    }
                     files.push(record);
                 }
             }

@@ -215,7 +215,8 @@ impl Encoder for Writer {
 struct Column {
     nulls: Option<NullBuffer>,
     kind: Kind,
-    /// The rendered text may contain the delimiter (or everything is quoted): check each value.
+    /// The rendered text may need quotes (it may hold the delimiter, read back as NULL, or
+    /// everything is quoted): check each value.
     check_quotes: bool,
 }
 
@@ -262,7 +263,8 @@ impl Column {
             DataType::Int64 => (Kind::Int64(array.as_primitive::<Int64Type>().values().clone()), scalar_check),
             DataType::Float64 => (Kind::Float64(array.as_primitive::<Float64Type>().values().clone()), scalar_check),
             DataType::Utf8 => (Kind::Utf8(array.as_string::<i32>().clone()), false),
-            DataType::Binary => (Kind::Binary(array.as_binary::<i32>().clone()), scalar_check),
+            // Empty BYTES render as empty text, which must not read back as NULL.
+            DataType::Binary => (Kind::Binary(array.as_binary::<i32>().clone()), true),
             DataType::Date32 => (Kind::Date32(array.as_primitive::<Date32Type>().values().clone()), scalar_check),
             DataType::Time64(TimeUnit::Microsecond) => {
                 (Kind::Time64Micros(array.as_primitive::<Time64MicrosecondType>().values().clone()), scalar_check)
@@ -315,8 +317,11 @@ impl Column {
             Kind::Text(f) => f(row, out),
             Kind::Json(j) => j.write(row, out),
         }
-        if self.check_quotes && (options.quote_all || needs_quotes(&out[start..], options.delimiter)) {
-            requote(out, start);
+        if self.check_quotes {
+            let rendered = &out[start..];
+            if options.quote_all || rendered == options.null.as_bytes() || needs_quotes(rendered, options.delimiter) {
+                requote(out, start);
+            }
         }
     }
 }

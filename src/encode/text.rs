@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | BOOL | `true` / `false` | ZetaSQL `NumericToString(bool)` (google/zetasql `public/functions/convert_string.cc`); CAST docs |
 //! | INT64 | plain decimal | ZetaSQL `NumericToString(int64_t)`; java-bigquery `ITBigQueryTest.testExtractJob` |
-//! | FLOAT64 | `%.15g`, or `%.17g` when 15 digits do not round-trip; `NaN`, `Infinity`, `-Infinity` | ZetaSQL `RoundTripDoubleToString` (`zetasql/base/string_numbers.cc`) for finite values: integral values print without `.0` as the JSON export does (sonots, Qiita 2016). Non-finite spellings are the REST API's (google-cloud-go#2408, google-cloud-ruby#3488). Unconfirmed against a raw export. |
+//! | FLOAT64 | shortest round-trip digits in `%g` layout (`0.1`, `25`, `1e-07`, `1e+20`); `NaN`, `Infinity`, `-Infinity` | layout of ZetaSQL `RoundTripDoubleToString` (`zetasql/base/string_numbers.cc`, BigQuery's CAST to STRING); integral values print without `.0` as the JSON export does (sonots, Qiita 2016). Non-finite spellings are the REST API's (google-cloud-go#2408, google-cloud-ruby#3488). Unconfirmed against a raw export. |
 //! | NUMERIC, BIGNUMERIC | plain decimal, no exponent, trailing fractional zeros removed (`1.5`, `10`) | ZetaSQL `NumericValue::ToString` (`1.5`, not `1.500000000`) |
 //! | DATE | `YYYY-MM-DD` | apache/beam `bigquery_read_it_test.py` (real export), bigframes `test_to_csv_index` |
 //! | TIME | `HH:MM:SS[.f]` | beam `BigQueryAvroUtils.formatTime` ("matching the format used by JSON export") |
@@ -162,55 +162,98 @@ pub fn write_decimal128(out: &mut Vec<u8>, value: i128, scale: i8) {
 }
 
 pub fn write_decimal256(out: &mut Vec<u8>, value: arrow_buffer::i256, scale: i8) {
-    // i256 has no allocation-free formatter; BIGNUMERIC columns are rare enough for this.
-    write_decimal_digits(out, value.to_string().as_bytes(), scale);
+    if let Some(v) = value.to_i128() {
+        return write_decimal128(out, v, scale);
+    }
+    // Up to 77 digits: peel off two 38-digit groups with i256 division (each remainder fits an
+    // i128), leaving a head of at most one digit; far cheaper than i256's Display.
+    let p38 = arrow_buffer::i256::from_i128(10i128.pow(38));
+    let mut digits = [0u8; 80];
+    let mut len = 0;
+    let mut push = |d: &[u8], len: &mut usize| {
+        digits[*len..*len + d.len()].copy_from_slice(d);
+        *len += d.len();
+    };
+    let (q1, r1) = value.wrapping_div_rem(p38);
+    let (q2, r2) = q1.wrapping_div_rem(p38);
+    if value.is_negative() {
+        push(b"-", &mut len);
+    }
+    let lower = r1.to_i128().unwrap_or(0).unsigned_abs();
+    let middle = r2.to_i128().unwrap_or(0).unsigned_abs();
+    let head = q2.to_i128().unwrap_or(0).unsigned_abs();
+    let mut buf = itoa::Buffer::new();
+    if head > 0 {
+        push(buf.format(head).as_bytes(), &mut len);
+        push_group(&mut digits, &mut len, middle);
+    } else {
+        push(buf.format(middle).as_bytes(), &mut len);
+    }
+    push_group(&mut digits, &mut len, lower);
+    write_decimal_digits(out, &digits[..len], scale);
 }
 
-/// A finite FLOAT64 as ZetaSQL's `RoundTripDoubleToString` prints it: `%.15g` when that
-/// round-trips, else `%.17g`. Non-finite values are the caller's business (CSV and JSON
-/// spell them differently).
+/// Appends `v` as exactly 38 digits.
+fn push_group(digits: &mut [u8; 80], len: &mut usize, v: u128) {
+    let mut buf = itoa::Buffer::new();
+    let s = buf.format(v).as_bytes();
+    let pad = 38 - s.len();
+    digits[*len..*len + pad].fill(b'0');
+    digits[*len + pad..*len + 38].copy_from_slice(s);
+    *len += 38;
+}
+
+/// A finite FLOAT64 as its shortest round-trip digits, laid out as C's `%g` lays them out.
+/// Non-finite values are the caller's business (CSV and JSON spell them differently).
+///
+/// The digits are the shortest that parse back to the same double (ryu), as the issue and the
+/// REST API's FLOAT64 strings ask. The layout is ZetaSQL's `RoundTripDoubleToString`
+/// (`%.15g`, `%.17g` when 15 digits are not enough): plain notation for decimal exponents from
+/// -4 up to the precision, else `d.ddde±XX`, and no trailing `.0` on integral values.
+/// For values with at most 15 significant digits this is byte for byte what ZetaSQL prints.
 pub fn write_f64(out: &mut Vec<u8>, v: f64) {
     debug_assert!(v.is_finite());
-    // ryu gives the shortest round-tripping digits. When there are at most 15 of them, `%.15g`
-    // yields exactly those digits (15 significant digits always round-trip a decimal through
-    // a double, DBL_DIG), so only the rare 16-17 digit values need the slower `%.17g` path.
     let mut ryu_buf = ryu::Buffer::new();
-    let shortest = ryu_buf.format_finite(v);
-    let (digits, exp) = decompose(shortest);
-    if digits.len() <= 15 && (v == 0.0 || v.is_normal()) {
-        write_g(out, v.is_sign_negative(), &digits, exp, 15);
-        return;
-    }
-    // Subnormals have fewer significant bits than DBL_DIG assumes, and 16-17 digit values need
-    // the round-trip check itself.
-    let p15 = format!("{:.14e}", v.abs());
-    let (text, precision) =
-        if p15.parse::<f64>() == Ok(v.abs()) { (p15, 15) } else { (format!("{:.16e}", v.abs()), 17) };
-    let (digits, exp) = decompose(&text);
-    write_g(out, v.is_sign_negative(), &digits, exp, precision);
-}
-
-/// Splits a float's text (`-1.25e-7`, `123.0`, `1e20`) into significant digits without leading
-/// or trailing zeros and the decimal exponent of the first digit.
-fn decompose(text: &str) -> (Vec<u8>, i32) {
-    let text = text.trim_start_matches('-');
-    let (mantissa, exp) = match text.find(['e', 'E']) {
-        Some(i) => (&text[..i], text[i + 1..].parse::<i32>().unwrap_or(0)),
+    let text = ryu_buf.format_finite(v).as_bytes();
+    // Split ryu's `-1.2345e-7` / `123.0` / `1e20` into significant digits and the decimal
+    // exponent of the first digit, on the stack: this runs for every FLOAT64 cell.
+    let text = text.strip_prefix(b"-").unwrap_or(text);
+    let (mantissa, exp10) = match text.iter().position(|&b| b == b'e') {
+        Some(i) => (&text[..i], parse_exponent(&text[i + 1..])),
         None => (text, 0),
     };
-    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let mut digits: Vec<u8> = int_part.bytes().chain(frac_part.bytes()).collect();
-    let mut point = int_part.len() as i32 + exp; // digits before the decimal point
-    let lead = digits.iter().take_while(|&&d| d == b'0').count();
-    digits.drain(..lead);
-    point -= lead as i32;
-    while digits.last() == Some(&b'0') {
-        digits.pop();
+    let mut digits = [0u8; 24];
+    let mut n = 0;
+    let mut int_len = mantissa.len() as i32;
+    for &b in mantissa {
+        if b == b'.' {
+            int_len = n as i32;
+        } else if n < digits.len() {
+            digits[n] = b;
+            n += 1;
+        }
+    }
+    let lead = digits[..n].iter().take_while(|&&d| d == b'0').count();
+    let mut digits = &digits[lead..n];
+    while let [rest @ .., b'0'] = digits {
+        digits = rest;
     }
     if digits.is_empty() {
-        return (vec![b'0'], 0);
+        out.extend_from_slice(if v.is_sign_negative() { b"-0" } else { b"0" });
+        return;
     }
-    (digits, point - 1)
+    let exp = int_len - lead as i32 + exp10 - 1;
+    let precision = if digits.len() <= 15 { 15 } else { 17 };
+    write_g(out, v.is_sign_negative(), digits, exp, precision);
+}
+
+fn parse_exponent(s: &[u8]) -> i32 {
+    let (neg, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    let e = digits.iter().fold(0i32, |acc, &d| acc * 10 + (d - b'0') as i32);
+    if neg { -e } else { e }
 }
 
 /// C's `%.{precision}g` for a value already rounded to `digits` (no trailing zeros).
@@ -311,6 +354,18 @@ mod tests {
             "578960446186580977117854925043439539266.34992332820282019728792003956564819967"
         );
         assert_eq!(s(|o| write_decimal256(o, arrow_buffer::i256::ONE, 38)), "0.00000000000000000000000000000000000001");
+        assert_eq!(
+            s(|o| write_decimal256(o, arrow_buffer::i256::MIN, 38)),
+            "-578960446186580977117854925043439539266.34992332820282019728792003956564819968"
+        );
+        // Every magnitude agrees with i256's own Display.
+        let mut v = arrow_buffer::i256::from_i128(-7);
+        for _ in 0..76 {
+            let mut expected = Vec::new();
+            write_decimal_digits(&mut expected, v.to_string().as_bytes(), 20);
+            assert_eq!(s(|o| write_decimal256(o, v, 20)).into_bytes(), expected, "{v}");
+            v = v.wrapping_mul(arrow_buffer::i256::from_i128(10)).wrapping_add(arrow_buffer::i256::from_i128(3));
+        }
     }
 
     #[test]
@@ -328,9 +383,11 @@ mod tests {
         assert_eq!(f(123_456_789_012_345_680_000.0), "1.2345678901234568e+20");
         assert_eq!(f(0.1 + 0.2), "0.30000000000000004");
         assert_eq!(f(f64::MAX), "1.7976931348623157e+308");
-        assert_eq!(f(5e-324), "4.94065645841247e-324");
+        assert_eq!(f(5e-324), "5e-324");
         assert_eq!(f(-1234.5), "-1234.5");
-        assert_eq!(f(1.0 / 3.0), "0.33333333333333331");
+        assert_eq!(f(1.0 / 3.0), "0.3333333333333333");
+        assert_eq!(f(-1.5e-300), "-1.5e-300");
+        assert_eq!(f(1234567890123456.8), "1234567890123456.8");
         // Everything printed must parse back to the same double.
         for v in [0.1, 1e-7, 1e20, 1.0 / 3.0, 5e-324, f64::MAX, 2.5e-5, 9007199254740993.0] {
             assert_eq!(f(v).parse::<f64>().unwrap(), v);

@@ -65,6 +65,18 @@ pub trait Source: Send + Sync {
 
     /// Reads `stream` starting `offset` rows into it. Dropping the stream stops the read.
     fn read(self: Arc<Self>, plan: &ReadPlan, stream: &StreamSpec, offset: u64) -> BatchStream;
+
+    /// Re-opens a plan made by an earlier run (`--resume`), so its streams can be read again
+    /// at offsets. The default suits sources whose plans are deterministic: plan again and
+    /// check that the streams and schema are the same. Sources with server-side sessions
+    /// reattach to the saved session instead.
+    async fn reopen(&self, saved: &ReadPlan) -> Result<ReadPlan, ReadError> {
+        let plan = self.plan().await?;
+        if plan.streams != saved.streams || plan.schema.fields() != saved.schema.fields() {
+            return Err(ReadError::PlanChanged { source_name: saved.description.name.clone() });
+        }
+        Ok(plan)
+    }
 }
 
 /// A `--from` URL, parsed and validated but not yet opened.
@@ -132,6 +144,10 @@ pub enum ReadError {
     SchemaMismatch { path: String, first: String },
     #[error("{source_name}: stream {stream}: {message}")]
     Stream { source_name: String, stream: String, message: String },
+    #[error(
+        "{source_name} changed since the interrupted run (other streams or schema), so it cannot be resumed row for row; run without --resume into an empty target"
+    )]
+    PlanChanged { source_name: String },
     #[error("permission denied reading {what}: {message}")]
     PermissionDenied { what: String, message: String },
     #[error(transparent)]

@@ -277,44 +277,88 @@ impl Gen {
         self.start..self.start + self.len as u64
     }
 
-    /// About one value in sixteen is NULL; the pattern differs per column.
-    fn nulls(&self, column: u64) -> Option<NullBuffer> {
-        Some(NullBuffer::from_iter(self.rows().map(|r| mix(self.seed, r, column) >> 60 != 0)))
-    }
-
-    fn values<T>(&self, column: u64, f: impl Fn(u64, u64) -> T) -> Vec<T> {
-        self.rows().map(|r| f(r, mix(self.seed, r, column))).collect()
+    /// Values and validity of one column from one hash per cell. About one value in sixteen
+    /// is NULL (the hash's top four bits are zero); the pattern differs per column.
+    fn column<T>(&self, column: u64, nullable: bool, f: impl Fn(u64, u64) -> T) -> (ScalarBuffer<T>, Option<NullBuffer>)
+    where
+        T: arrow_buffer::ArrowNativeType,
+    {
+        let mut values = Vec::with_capacity(self.len);
+        let mut valid = Vec::with_capacity(if nullable { self.len } else { 0 });
+        for r in self.rows() {
+            let h = mix(self.seed, r, column);
+            values.push(f(r, h));
+            if nullable {
+                valid.push(h >> 60 != 0);
+            }
+        }
+        (ScalarBuffer::from(values), nullable.then(|| NullBuffer::from(valid)))
     }
 
     fn strings(&self, column: u64, nullable: bool, f: impl Fn(u64, u64, &mut String)) -> StringArray {
         let mut offsets = Vec::with_capacity(self.len + 1);
         let mut data = String::with_capacity(self.len * 16);
+        let mut valid = Vec::with_capacity(self.len);
         offsets.push(0i32);
         for r in self.rows() {
-            f(r, mix(self.seed, r, column), &mut data);
+            let h = mix(self.seed, r, column);
+            f(r, h, &mut data);
             offsets.push(data.len() as i32);
+            valid.push(h >> 60 != 0);
         }
-        let nulls = if nullable { self.nulls(column) } else { None };
+        let nulls = nullable.then(|| NullBuffer::from(valid));
         StringArray::new(OffsetBuffer::new(ScalarBuffer::from(offsets)), data.into_bytes().into(), nulls)
     }
 }
 
 fn generate(schema: &SchemaRef, seed: u64, start: u64, len: usize, flat: bool) -> RecordBatch {
     let g = Gen { seed, start, len };
+    let ten = i256::from_i128(10);
+    let (pow30, pow37) = (ten.wrapping_pow(30), ten.wrapping_pow(37));
+    let (ints, int_nulls) = g.column(1, true, |r, h| match r % 101 {
+        0 => i64::MIN,
+        1 => i64::MAX,
+        2 => 0,
+        3 => -1,
+        _ => (h as i64) >> (h >> 58),
+    });
+    let (floats, float_nulls) = g.column(2, true, float_value);
+    let (bools, bool_nulls) = g.column(3, true, |_, h| u8::from(h & 1 == 1));
+    let (dates, date_nulls) = g.column(6, true, |r, h| match r % 89 {
+        0 => DATE_MIN,
+        1 => DATE_MAX,
+        2 => 0,
+        _ => -25_567 + (h % 73_049) as i32, // 1900-01-01 .. 2099-12-31
+    });
+    let (times, time_nulls) = g.column(7, true, |r, h| match r % 83 {
+        0 => 0,
+        1 => 86_399_999_999,
+        2 => 43_200_100_000, // 12:00:00.1
+        _ => (h % 86_400) as i64 * 1_000_000 + fraction(h),
+    });
+    let (datetimes, datetime_nulls) = g.column(8, true, micros_value);
+    let (timestamps, timestamp_nulls) = g.column(9, true, micros_value);
+    let (numerics, numeric_nulls) = g.column(10, true, |r, h| match r % 67 {
+        0 => NUMERIC_MAX,
+        1 => -NUMERIC_MAX,
+        2 => 0,
+        3 => 1_500_000_000, // 1.5
+        4 => 1,             // 0.000000001
+        _ => ((h as i64) >> (h >> 58)) as i128 * 1_000,
+    });
+    let (bignumerics, bignumeric_nulls) = g.column(11, true, |r, h| match r % 61 {
+        0 => i256::MAX, // BIGNUMERIC's max, 5.78…E+38
+        1 => i256::MIN,
+        2 => i256::ZERO,
+        3 => i256::from_i128(15) * pow37, // 1.5
+        4 => i256::ONE,                   // 1E-38
+        _ => i256::from_i128((h as i64 >> (h >> 58)) as i128) * pow30,
+    });
     let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from(g.values(0, |r, _| r as i64))),
-        Arc::new(Int64Array::new(
-            ScalarBuffer::from(g.values(1, |r, h| match r % 101 {
-                0 => i64::MIN,
-                1 => i64::MAX,
-                2 => 0,
-                3 => -1,
-                _ => (h as i64) >> (h >> 58),
-            })),
-            g.nulls(1),
-        )),
-        Arc::new(Float64Array::new(ScalarBuffer::from(g.values(2, float_value)), g.nulls(2))),
-        Arc::new(BooleanArray::new(g.rows().map(|r| mix(seed, r, 3) & 1 == 1).collect(), g.nulls(3))),
+        Arc::new(Int64Array::from_iter_values(g.rows().map(|r| r as i64))),
+        Arc::new(Int64Array::new(ints, int_nulls)),
+        Arc::new(Float64Array::new(floats, float_nulls)),
+        Arc::new(BooleanArray::new(bools.iter().map(|b| *b == 1).collect(), bool_nulls)),
         Arc::new(g.strings(4, true, |r, h, out| {
             if h & 7 == 0 {
                 out.push_str("user_");
@@ -324,58 +368,19 @@ fn generate(schema: &SchemaRef, seed: u64, start: u64, len: usize, flat: bool) -
             }
         })),
         Arc::new(binary_column(&g, 5)),
-        Arc::new(Date32Array::new(
-            ScalarBuffer::from(g.values(6, |r, h| match r % 89 {
-                0 => DATE_MIN,
-                1 => DATE_MAX,
-                2 => 0,
-                _ => -25_567 + (h % 73_049) as i32, // 1900-01-01 .. 2099-12-31
-            })),
-            g.nulls(6),
-        )),
-        Arc::new(Time64MicrosecondArray::new(
-            ScalarBuffer::from(g.values(7, |r, h| match r % 83 {
-                0 => 0,
-                1 => 86_399_999_999,
-                2 => 43_200_100_000, // 12:00:00.1
-                _ => (h % 86_400) as i64 * 1_000_000 + fraction(h),
-            })),
-            g.nulls(7),
-        )),
-        Arc::new(TimestampMicrosecondArray::new(ScalarBuffer::from(g.values(8, micros_value)), g.nulls(8))),
+        Arc::new(Date32Array::new(dates, date_nulls)),
+        Arc::new(Time64MicrosecondArray::new(times, time_nulls)),
+        Arc::new(TimestampMicrosecondArray::new(datetimes, datetime_nulls)),
+        Arc::new(TimestampMicrosecondArray::new(timestamps, timestamp_nulls).with_timezone("UTC")),
         Arc::new(
-            TimestampMicrosecondArray::new(ScalarBuffer::from(g.values(9, micros_value)), g.nulls(9))
-                .with_timezone("UTC"),
+            Decimal128Array::new(numerics, numeric_nulls)
+                .with_precision_and_scale(38, 9)
+                .expect("38,9 is a valid decimal type"),
         ),
         Arc::new(
-            Decimal128Array::new(
-                ScalarBuffer::from(g.values(10, |r, h| match r % 67 {
-                    0 => NUMERIC_MAX,
-                    1 => -NUMERIC_MAX,
-                    2 => 0,
-                    3 => 1_500_000_000, // 1.5
-                    4 => 1,             // 0.000000001
-                    _ => ((h as i64) >> (h >> 58)) as i128 * 1_000,
-                })),
-                g.nulls(10),
-            )
-            .with_precision_and_scale(38, 9)
-            .expect("38,9 is a valid decimal type"),
-        ),
-        Arc::new(
-            Decimal256Array::new(
-                ScalarBuffer::from(g.values(11, |r, h| match r % 61 {
-                    0 => i256::MAX, // BIGNUMERIC's max, 5.78…E+38
-                    1 => i256::MIN,
-                    2 => i256::ZERO,
-                    3 => i256::from_i128(15) * i256::from_i128(10).wrapping_pow(37), // 1.5
-                    4 => i256::ONE,                                                  // 1E-38
-                    _ => i256::from_i128((h as i64 >> (h >> 58)) as i128) * i256::from_i128(10).wrapping_pow(30),
-                })),
-                g.nulls(11),
-            )
-            .with_precision_and_scale(76, 38)
-            .expect("76,38 is a valid decimal type"),
+            Decimal256Array::new(bignumerics, bignumeric_nulls)
+                .with_precision_and_scale(76, 38)
+                .expect("76,38 is a valid decimal type"),
         ),
         Arc::new(g.strings(12, true, |_, h, out| out.push_str(WKT[(h >> 8) as usize % WKT.len()]))),
         Arc::new(g.strings(13, true, |r, h, out| {
@@ -438,14 +443,16 @@ fn micros_value(row: u64, h: u64) -> i64 {
 fn binary_column(g: &Gen, column: u64) -> BinaryArray {
     let mut offsets = Vec::with_capacity(g.len + 1);
     let mut data: Vec<u8> = Vec::with_capacity(g.len * 8);
+    let mut valid = Vec::with_capacity(g.len);
     offsets.push(0i32);
     for r in g.rows() {
         let h = mix(g.seed, r, column);
         let n = (h % 17) as usize;
         data.extend(h.to_le_bytes().iter().cycle().take(n));
         offsets.push(data.len() as i32);
+        valid.push(h >> 60 != 0);
     }
-    BinaryArray::new(OffsetBuffer::new(ScalarBuffer::from(offsets)), data.into(), g.nulls(column))
+    BinaryArray::new(OffsetBuffer::new(ScalarBuffer::from(offsets)), data.into(), Some(NullBuffer::from(valid)))
 }
 
 /// A REPEATED INT64: never NULL in BigQuery, possibly empty.
@@ -470,14 +477,13 @@ fn list_column(g: &Gen, column: u64) -> ListArray {
 }
 
 fn struct_column(g: &Gen, column: u64) -> StructArray {
-    let a =
-        Int64Array::new(ScalarBuffer::from(g.values(column * 16 + 1, |r, _| r as i64 * 3)), g.nulls(column * 16 + 1));
+    let (a, a_nulls) = g.column(column * 16 + 1, true, |r, _| r as i64 * 3);
     let b = g.strings(column * 16 + 2, true, |_, h, out| out.push_str(STRINGS[(h >> 8) as usize % STRINGS.len()]));
-    let c = Date32Array::new(
-        ScalarBuffer::from(g.values(column * 16 + 3, |_, h| (h % 20_000) as i32)),
-        g.nulls(column * 16 + 3),
-    );
-    StructArray::new(record_fields(), vec![Arc::new(a), Arc::new(b), Arc::new(c)], g.nulls(column))
+    let (c, c_nulls) = g.column(column * 16 + 3, true, |_, h| (h % 20_000) as i32);
+    let (_, nulls) = g.column(column, true, |_, _| 0u8);
+    let children: Vec<ArrayRef> =
+        vec![Arc::new(Int64Array::new(a, a_nulls)), Arc::new(b), Arc::new(Date32Array::new(c, c_nulls))];
+    StructArray::new(record_fields(), children, nulls)
 }
 
 #[cfg(test)]

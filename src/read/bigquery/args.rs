@@ -171,6 +171,21 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 impl BigQueryArgs {
+    /// What these flags change about which rows are read, for the job fingerprint that
+    /// `--resume` checks (credentials and endpoints are not part of it).
+    pub fn identity(&self) -> String {
+        format!(
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            self.query,
+            self.query_file,
+            self.columns,
+            self.row_filter,
+            self.snapshot_time,
+            self.max_streams,
+            self.min_streams
+        )
+    }
+
     fn uses_bigquery_flags(&self) -> Option<&'static str> {
         [
             (!self.columns.is_empty(), "--columns"),

@@ -578,6 +578,16 @@ impl Source for BigQuerySource {
         Ok(self.plan_inner().await?)
     }
 
+    /// `--resume` reattaches to the interrupted run's read session: its streams and offsets only
+    /// mean something within that session (a new one splits the table differently). Sessions
+    /// live 6 hours; an expired one fails at its first ReadRows with the session-expired error.
+    async fn reopen(&self, saved: &ReadPlan) -> Result<ReadPlan, ReadError> {
+        if saved.description.kind != "bigquery" {
+            return Err(ReadError::PlanChanged { source_name: saved.description.name.clone() });
+        }
+        Ok(saved.clone())
+    }
+
     fn read(self: Arc<Self>, plan: &ReadPlan, stream: &StreamSpec, offset: u64) -> BatchStream {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let reader = StreamReader {
