@@ -34,8 +34,14 @@ fn export_args(list: &[&str]) -> ExportArgs {
     Wrapper::try_parse_from(argv).expect("valid flags").export
 }
 
+/// Runs an export in-process. Without `--resume`/`--state-file` it keeps no state file (a
+/// failing test run must not leave one in the working directory).
 async fn export(list: &[&str]) -> Result<Report, Error> {
-    let job = export_args(list).to_job()?;
+    let mut list = list.to_vec();
+    if !list.iter().any(|a| *a == "--resume" || *a == "--state-file") {
+        list.push("--no-state");
+    }
+    let job = export_args(&list).to_job()?;
     bq2sftp::run(&job).await
 }
 
@@ -416,6 +422,58 @@ async fn responses_larger_than_tonics_default_limit_are_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_export_resumed_reads_the_same_session_from_the_committed_offsets() {
+    let dir = tables();
+    let emu = start_emulator(dir.path(), |c| c.response_rows = 100).await;
+    let (_, _, clean) = bq_csv(&emu, "p.d.flat", &["--min-streams", "3"]).await;
+    let sessions_before = emu.stats().sessions_created.load(Ordering::Relaxed);
+    // One abort and no retries: the first run fails 600 rows into its first stream (one stream
+    // at a time), after committing some of its 100-row files.
+    emu.set_faults(Faults { abort_after: Some(6), max_aborts: Some(1), ..Default::default() });
+    let (out, url) = out_dir();
+    let state = out.path().join("job.state.json");
+    let host = emu.host_port();
+    let args = [
+        "--from",
+        "bq://p.d.flat",
+        "--to",
+        &url,
+        "--format",
+        "csv",
+        "--emulator",
+        &host,
+        "--min-streams",
+        "3",
+        "--max-file-rows",
+        "100",
+        "--read-retries",
+        "1",
+        "--concurrency",
+        "1",
+        "--threads",
+        "1",
+        "--state-file",
+        state.to_str().unwrap(),
+    ];
+    let err = export(&args).await.unwrap_err();
+    assert_eq!(err.exit_code(), 4, "{err}");
+    let committed = files(out.path(), ".csv").len();
+    assert!(committed > 0 && committed < 30, "{committed} files committed before the failure");
+    let calls_before = emu.stats().read_offsets.lock().unwrap().len();
+    export(&[&args[..], &["--resume"]].concat()).await.expect("the resumed run finishes");
+    assert_eq!(
+        emu.stats().sessions_created.load(Ordering::Relaxed),
+        sessions_before + 1,
+        "the saved session was reused"
+    );
+    let resumed_at: Vec<u64> =
+        emu.stats().read_offsets.lock().unwrap()[calls_before..].iter().map(|(_, o)| *o).collect();
+    assert!(resumed_at.iter().any(|o| *o > 0), "a stream restarted at its committed offset: {resumed_at:?}");
+    let (_, rows) = csv_rows(out.path());
+    assert_eq!(rows, clean, "every row exactly once across both runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resource_exhausted_is_retried_only_with_retry_info() {
     let dir = tables();
     let emu = emulator(dir.path()).await;
@@ -445,6 +503,7 @@ async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let home = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(common::bin());
     cmd.args(args)
+        .current_dir(home.path())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", home.path())
