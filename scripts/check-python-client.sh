@@ -49,7 +49,7 @@ want = pq.read_table(path).sort_by("id")
 Codec = types.ArrowSerializationOptions.CompressionCodec
 failed = False
 for codec in ["COMPRESSION_UNSPECIFIED", "LZ4_FRAME", "ZSTD"]:
-    session = client.create_read_session(
+    session = client.create_read_session(request=types.CreateReadSessionRequest(
         parent="projects/p",
         read_session=types.ReadSession(
             table="projects/p/datasets/d/tables/t",
@@ -60,7 +60,7 @@ for codec in ["COMPRESSION_UNSPECIFIED", "LZ4_FRAME", "ZSTD"]:
         ),
         max_stream_count=4,
         preferred_min_stream_count=3,
-    )
+    ))
     got = pa.concat_tables([client.read_rows(s.name).to_arrow(session) for s in session.streams]).sort_by("id")
     different = []
     for name in want.column_names:

@@ -89,7 +89,7 @@ impl StreamEntry {
         let mut pending_rows = 0usize;
         let flush = |pending: &mut Vec<RecordBatch>, out: &mut Vec<RecordBatch>| match pending.len() {
             0 => {}
-            1 => out.extend(pending.drain(..)),
+            1 => out.append(pending),
             _ => {
                 let schema = pending[0].schema();
                 match arrow_select::concat::concat_batches(&schema, pending.iter()) {
