@@ -664,6 +664,54 @@ async fn tokens_are_refreshed_before_they_expire_with_delegation_and_a_base64_ke
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_impersonation_through_iam_credentials() {
+    let dir = tables();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = test_key(tmp.path());
+    let source = "deployer@p.iam.gserviceaccount.com";
+    let target = "exporter@p.iam.gserviceaccount.com";
+    // The source credentials get a cloud-platform token; IAM turns it into the target's token
+    // with the BigQuery scope; only that token opens the emulator.
+    let cloud_platform = "https://www.googleapis.com/auth/cloud-platform";
+    let tokens = start_token_server(
+        &key.public_pem,
+        Expect { iss: source.into(), scope: cloud_platform.into(), sub: None },
+        3600,
+    )
+    .await;
+    let iam = start_iam_server(target, tokens.issued.clone(), vec![SCOPE_BIGQUERY.to_string()]).await;
+    let emu = start_emulator(dir.path(), |c| c.auth = iam.acceptor()).await;
+    let key_file = tmp.path().join("key.json");
+    std::fs::write(&key_file, service_account_json(&key, source, &tokens.url)).unwrap();
+    let endpoint = format!("http://{}", emu.host_port());
+    let out = run_bin(
+        &[
+            "export",
+            "--from",
+            "bq://p.d.flat",
+            "--to",
+            "null:",
+            "--credentials",
+            key_file.to_str().unwrap(),
+            "--impersonate-service-account",
+            target,
+            "--iam-endpoint",
+            &iam.url,
+            "--storage-endpoint",
+            &endpoint,
+            "--bigquery-endpoint",
+            &endpoint,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((tokens.issued_count(), iam.issued.lock().unwrap().len()), (1, 1));
+    assert_eq!(iam.refused.load(Ordering::Relaxed), 0);
+    assert!(tokens_seen(&emu).iter().all(|t| t.starts_with("ya29.impersonated-")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_server_credentials() {
     let dir = tables();
     let meta = start_metadata_server().await;

@@ -320,3 +320,53 @@ pub async fn start_cutting_proxy(upstream: SocketAddr, after_bytes: usize, cuts:
 pub fn tokens_seen(emulator: &EmulatorHandle) -> HashSet<String> {
     emulator.stats().tokens_seen.lock().unwrap().clone()
 }
+
+pub struct IamServer {
+    /// `http://127.0.0.1:P`, for --iam-endpoint.
+    pub url: String,
+    pub issued: Arc<Mutex<Vec<String>>>,
+    /// Requests refused (wrong caller token, account or scopes).
+    pub refused: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl IamServer {
+    pub fn acceptor(&self) -> emulator::AuthCheck {
+        let issued = self.issued.clone();
+        emulator::AuthCheck::Accept(Arc::new(move |t| issued.lock().unwrap().iter().any(|i| i == t)))
+    }
+}
+
+/// IAM Credentials `generateAccessToken` for `account`: answers only callers holding a token
+/// from `caller_tokens` and asking for `scopes`.
+pub async fn start_iam_server(account: &str, caller_tokens: Arc<Mutex<Vec<String>>>, scopes: Vec<String>) -> IamServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let issued: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused: Arc<AtomicUsize> = Arc::default();
+    let (issued2, refused2, account) = (issued.clone(), refused.clone(), account.to_string());
+    let app = Router::new().route(
+        "/v1/projects/-/serviceAccounts/{name}",
+        post(move |axum::extract::Path(name): axum::extract::Path<String>, headers: HeaderMap, Json(body): Json<serde_json::Value>| {
+            let (issued, refused, callers) = (issued2.clone(), refused2.clone(), caller_tokens.clone());
+            let (account, scopes) = (account.clone(), scopes.clone());
+            async move {
+                let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
+                let caller_ok = bearer.is_some_and(|t| callers.lock().unwrap().iter().any(|c| c == t));
+                let asked: Vec<String> = body["scope"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default();
+                if !caller_ok || name != format!("{account}:generateAccessToken") || asked != scopes {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    return (StatusCode::FORBIDDEN, Json(json!({"error": {"code": 403, "message": "Permission 'iam.serviceAccounts.getAccessToken' denied", "status": "PERMISSION_DENIED"}}))).into_response();
+                }
+                let token = format!("ya29.impersonated-{}", issued.lock().unwrap().len());
+                issued.lock().unwrap().push(token.clone());
+                let expire = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+                Json(json!({"accessToken": token, "expireTime": expire})).into_response()
+            }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    IamServer { url, issued, refused, _task: task }
+}
