@@ -347,6 +347,10 @@ async fn every_stream_aborted_repeatedly_resumes_exactly() {
         assert!(aborts >= 4 * 6, "{kind:?}: every stream was aborted repeatedly ({aborts})");
         assert!(resumed_at >= 4 * 6, "{kind:?}: ReadRows re-opened at offsets ({resumed_at})");
     }
+    let metrics = bq2sftp::metrics::global().render();
+    for reason in ["unavailable", "internal", "unknown"] {
+        assert!(metrics.contains(&format!("bq2sftp_read_retries_total{{reason=\"{reason}\"}}")), "{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

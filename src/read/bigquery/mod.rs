@@ -541,6 +541,19 @@ impl BigQuerySource {
     }
 }
 
+/// The metric label for a retried status: a small fixed set.
+fn retry_reason(status: &Status) -> &'static str {
+    match status.code() {
+        Code::Unavailable => "unavailable",
+        Code::Internal => "internal",
+        Code::DeadlineExceeded => "deadline",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::Unauthenticated => "unauthenticated",
+        Code::Unknown => "unknown",
+        _ => "other",
+    }
+}
+
 /// `name TYPE MODE` in BigQuery's words, for `--dry-run`.
 fn describe_field(f: &arrow_schema::Field) -> String {
     use arrow_schema::DataType as D;
@@ -698,20 +711,23 @@ impl StreamReader {
                 _ => return Err(BigQueryError::from_status("ReadRows", &self.stream, &status)),
             };
             stats.resumes.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                stream = %self.stream,
-                offset,
-                attempt = failures,
-                "ReadRows failed ({:?}: {}); resuming at the offset in {delay:?}",
-                status.code(),
-                status.message()
-            );
+            crate::metrics::events::ReadRetry {
+                stream: &self.stream,
+                reason: retry_reason(&status),
+                attempt: failures,
+                delay,
+                error: &format!("ReadRows at row offset {offset}: {:?}: {}", status.code(), status.message()),
+            }
+            .emit();
             tokio::time::sleep(delay).await;
         }
     }
 
     /// Decodes one response on the blocking pool; `None` for a response without rows.
     async fn decode(&self, resp: storage::ReadRowsResponse, offset: u64) -> Result<Option<RecordBatch>, BigQueryError> {
+        if let Some(t) = &resp.throttle_state {
+            crate::metrics::events::ReadThrottled { percent: t.throttle_percent as f64 }.emit();
+        }
         let Some(storage::read_rows_response::Rows::ArrowRecordBatch(arrow)) = resp.rows else {
             return Ok(None);
         };
