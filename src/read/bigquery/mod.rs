@@ -215,7 +215,8 @@ pub enum BigQueryError {
     InvalidRequest { operation: String, target: String, message: String },
     #[error(
         "bigquery: the read session of {table} expired while reading stream {stream} ({message}); read sessions last \
-         6 hours: run the export again (committed files are intact)"
+         6 hours: run the export again (committed files are intact; a --resume of a run older than 6 hours cannot \
+         reuse its session, start afresh)"
     )]
     SessionExpired { table: String, stream: String, message: String },
     #[error("bigquery: {operation} on {target} failed: {code:?}: {message}")]
