@@ -314,6 +314,22 @@ async fn empty_table_gives_a_header_only_file_and_a_filtered_out_table_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifest_names_the_table_and_its_snapshot() {
+    let dir = tables();
+    let emu = emulator(dir.path()).await;
+    let (out, url) = out_dir();
+    let host = emu.host_port();
+    export(&["--from", "bq://p.d.flat", "--to", &url, "--emulator", &host, "--snapshot-time", "2024-05-01T00:00:00Z"])
+        .await
+        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("_MANIFEST.json")).unwrap()).unwrap();
+    assert_eq!(manifest["source"]["kind"], "bigquery");
+    assert_eq!(manifest["source"]["name"], "p.d.flat");
+    assert_eq!(manifest["source"]["snapshot_time"], "2024-05-01T00:00:00.000000Z");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stream_or_many() {
     let dir = tables();
     let emu = emulator(dir.path()).await;

@@ -484,7 +484,16 @@ impl BigQuerySource {
             max_stream_count: o.max_streams as i32,
             preferred_min_stream_count: o.min_streams.unwrap_or(0) as i32,
         };
+        let requested_at = chrono::Utc::now();
         let session = self.storage()?.create_read_session(request).await?;
+        // The rows are those of the table as of the session's snapshot: the one asked for, the
+        // one BigQuery reports, or else (no snapshot asked) the moment the session was created.
+        let snapshot = session
+            .table_modifiers
+            .and_then(|m| m.snapshot_time)
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+            .or(o.snapshot_time)
+            .unwrap_or(requested_at);
         let schema_bytes = match &session.schema {
             Some(storage::read_session::Schema::ArrowSchema(s)) => &s.serialized_schema,
             None => {
@@ -536,7 +545,7 @@ impl BigQuerySource {
             description: SourceDescription {
                 kind: "bigquery".into(),
                 name,
-                snapshot_time: o.snapshot_time.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+                snapshot_time: Some(snapshot.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
             },
         })
     }
