@@ -154,6 +154,11 @@ pub struct ExportArgs {
     #[arg(long)]
     pub print_config: bool,
 
+    /// Test mode: read and encode everything but write nothing (the target is replaced by
+    /// null:), then print what would have been written.
+    #[arg(long, env = "BQ2SFTP_TEST_MODE")]
+    pub dry_run: bool,
+
     /// Rows per encoding job.
     #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
     pub chunk_rows: usize,
@@ -328,7 +333,14 @@ impl ExportArgs {
 
         let target_options =
             TargetOptions { create_dirs: self.create_dirs, partial_suffix: self.partial_suffix.clone() };
-        Ok(Job { source, target, target_options, pipeline })
+        // A dry run validates the target URL, then writes nowhere and keeps no state.
+        let (target, dry_run) = if self.dry_run {
+            pipeline.state = None;
+            (SinkConfig::Null, Some(self.to.clone()))
+        } else {
+            (target, None)
+        };
+        Ok(Job { source, target, target_options, pipeline, dry_run })
     }
 }
 

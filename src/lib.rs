@@ -48,6 +48,8 @@ pub struct Job {
     pub target: write::SinkConfig,
     pub target_options: write::TargetOptions,
     pub pipeline: PipelineOptions,
+    /// `--dry-run`: the target the job would have written to (it writes to `null:` instead).
+    pub dry_run: Option<String>,
 }
 
 impl Job {

@@ -25,7 +25,7 @@ Examples:
   # Local Parquet files to a directory as NDJSON
   bq2sftp export --from parquet:///data/orders --to dir:///srv/out --format ndjson
 
-  # Query mode: export a query's result; --dry-run shows the plan and reads nothing
+  # Query mode: export a query's result; --plan-only shows the plan and reads nothing
   bq2sftp export --query 'SELECT id, total FROM sales.orders WHERE day = CURRENT_DATE()' \\
       --project my-project --location EU --to dir:///srv/out --format parquet
 
@@ -243,21 +243,27 @@ async fn export(
         }
         return Ok(());
     }
-    if args.bigquery.dry_run {
-        return dry_run(args).await;
+    if args.bigquery.plan_only {
+        return plan_only(args).await;
     }
     let report = run_job(args).await?;
+    if args.dry_run {
+        eprintln!("dry run: nothing was written; {} would have received:", args.to);
+        for f in &report.files {
+            eprintln!("  {:<40} {:>12} rows {:>10}", f.name, group(f.rows), human_bytes(f.bytes));
+        }
+    }
     print_summary(&report, format);
     Ok(())
 }
 
-/// `--dry-run`: the read plan of a BigQuery source, nothing read.
-async fn dry_run(args: &ExportArgs) -> anyhow::Result<()> {
+/// `--plan-only`: the read plan of a BigQuery source, nothing read.
+async fn plan_only(args: &ExportArgs) -> anyhow::Result<()> {
     use bq2sftp::read::{ReadError, SourceConfig, bigquery::BigQuerySource};
     let job = args.to_job().map_err(Error::from)?;
     let SourceConfig::BigQuery(options) = &job.source else {
         let problem = "only applies to bq:// sources and --query";
-        anyhow::bail!(Error::from(bq2sftp::ConfigError::invalid("--dry-run", problem)));
+        anyhow::bail!(Error::from(bq2sftp::ConfigError::invalid("--plan-only", problem)));
     };
     let source = BigQuerySource::new((**options).clone()).map_err(|e| Error::from(ReadError::from(e)))?;
     let text = source.dry_run().await.map_err(|e| Error::from(ReadError::from(e)))?;

@@ -820,12 +820,12 @@ async fn query_mode_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dry_run_prints_the_plan_and_reads_nothing() {
+async fn plan_only_prints_the_plan_and_reads_nothing() {
     let dir = tables();
     let emu = emulator(dir.path()).await;
     let host = emu.host_port();
     let out = run_bin(
-        &["export", "--from", "bq://p.d.t", "--to", "null:", "--dry-run", "--min-streams", "2"],
+        &["export", "--from", "bq://p.d.t", "--to", "null:", "--plan-only", "--min-streams", "2"],
         &[("BIGQUERY_EMULATOR_HOST", &host)],
     )
     .await;
@@ -837,7 +837,7 @@ async fn dry_run_prints_the_plan_and_reads_nothing() {
     assert_eq!(emu.stats().read_rows_calls.load(Ordering::Relaxed), 0, "nothing read");
 
     let out = run_bin(
-        &["export", "--query", "SELECT id FROM p.d.t", "--project", "p", "--to", "null:", "--dry-run"],
+        &["export", "--query", "SELECT id FROM p.d.t", "--project", "p", "--to", "null:", "--plan-only"],
         &[("BIGQUERY_EMULATOR_HOST", &host)],
     )
     .await;

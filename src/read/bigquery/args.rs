@@ -72,7 +72,7 @@ pub struct BigQueryArgs {
 
     /// Print what would be read (schema, estimated rows and bytes, streams) and read nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub plan_only: bool,
 
     /// Service-account key or gcloud credentials file (default: Application Default Credentials).
     #[arg(long, value_name = "PATH")]
@@ -243,8 +243,8 @@ impl BigQueryArgs {
                     if let Some(flag) = self.uses_bigquery_flags() {
                         return Err(ConfigError::invalid(flag, "only applies to bq:// sources and --query"));
                     }
-                    if self.dry_run {
-                        return Err(ConfigError::invalid("--dry-run", "only applies to bq:// sources and --query"));
+                    if self.plan_only {
+                        return Err(ConfigError::invalid("--plan-only", "only applies to bq:// sources and --query"));
                     }
                     return Ok(other);
                 }

@@ -303,7 +303,7 @@ pub struct ReadStats {
     pub decode_nanos: AtomicU64,
 }
 
-/// What `plan()` learned about the session, for `read()` and `--dry-run`.
+/// What `plan()` learned about the session, for `read()` and `--plan-only`.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
     pub table: TableRef,
@@ -412,7 +412,7 @@ impl BigQuerySource {
         })
     }
 
-    /// `--dry-run`: what an export would read, without reading a row. Table mode creates a
+    /// `--plan-only`: what an export would read, without reading a row. Table mode creates a
     /// session (free: nothing is scanned until ReadRows); query mode asks BigQuery for a
     /// dry-run job (free, no result table), so there are no streams to show.
     pub async fn dry_run(&self) -> Result<String, BigQueryError> {
@@ -564,7 +564,7 @@ fn retry_reason(status: &Status) -> &'static str {
     }
 }
 
-/// `name TYPE MODE` in BigQuery's words, for `--dry-run`.
+/// `name TYPE MODE` in BigQuery's words, for `--plan-only`.
 fn describe_field(f: &arrow_schema::Field) -> String {
     use arrow_schema::DataType as D;
     let tag = f.metadata().get("ARROW:extension:name").map(String::as_str).unwrap_or_default();
