@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod read;
+pub mod serve;
 pub mod state;
 pub mod template;
 pub mod write;

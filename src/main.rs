@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use bq2sftp::cli::{ExportArgs, MetricsArgs};
+use bq2sftp::cli::ExportArgs;
 use bq2sftp::logging::{self, LogFormat};
 use bq2sftp::progress::{group, human_bytes};
 use bq2sftp::{Error, Progress, Report, exit, metrics};
@@ -64,6 +64,9 @@ enum Command {
     /// Run the export a job file describes (TOML; its keys are the export flags). Flags after
     /// the file override it; environment variables override the file.
     Run(RunArgs),
+    /// Serve HTTP: POST /jobs/NAME/run starts a configured job (callers authenticated with
+    /// Google OIDC tokens), GET /runs/ID reports on it, GET /metrics, GET /healthz.
+    Serve(Box<bq2sftp::serve::ServeArgs>),
     /// Run a real export of a generated table to a local directory and show the result.
     Demo(DemoArgs),
     /// Serve Parquet files as BigQuery tables (Storage Read API + query REST calls) for tests and demos.
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
                 let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).ok();
                 export(&args, matches.map(|m| (m, Vec::new())), format).await
             }
+            Command::Serve(args) => serve(&args).await,
             Command::Run(run) => match bq2sftp::jobfile::load(&run.job, &run.overrides) {
                 Ok((args, matches, from_file)) => export(&args, Some((matches, from_file)), format).await,
                 Err(e) => Err(Error::from(e).into()),
@@ -192,7 +196,7 @@ async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
     let result = job.run_with(cancel, progress).await;
     display.abort();
     let _ = display.await;
-    publish_metrics(&args.metrics).await;
+    metrics::publish(&args.metrics).await;
     if let Some(task) = server {
         task.abort();
     }
@@ -205,30 +209,6 @@ async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
         ));
     }
     Ok(result?)
-}
-
-/// The end-of-job push and textfile; their failures are logged, never the job's outcome.
-async fn publish_metrics(args: &MetricsArgs) {
-    if let Some(url) = &args.pushgateway {
-        let instance = args.pushgateway_instance.clone().unwrap_or_else(hostname);
-        match metrics::push(url, &args.pushgateway_job, &instance).await {
-            Ok(()) => tracing::info!(url, "metrics pushed"),
-            Err(e) => tracing::warn!("{e}"),
-        }
-    }
-    if let Some(path) = &args.metrics_textfile
-        && let Err(e) = metrics::write_textfile(path)
-    {
-        tracing::warn!("{e}");
-    }
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
 }
 
 async fn export(
@@ -268,6 +248,17 @@ async fn plan_only(args: &ExportArgs) -> anyhow::Result<()> {
     let source = BigQuerySource::new((**options).clone()).map_err(|e| Error::from(ReadError::from(e)))?;
     let text = source.dry_run().await.map_err(|e| Error::from(ReadError::from(e)))?;
     print!("{text}");
+    Ok(())
+}
+
+/// `bq2sftp serve`: until SIGINT/SIGTERM, then drains.
+async fn serve(args: &bq2sftp::serve::ServeArgs) -> anyhow::Result<()> {
+    let handle = bq2sftp::serve::start(args).await?;
+    eprintln!("bq2sftp serve: listening on http://{}", handle.local_addr);
+    let stop = CancellationToken::new();
+    cancel_on_signal(stop.clone());
+    stop.cancelled().await;
+    handle.shutdown().await;
     Ok(())
 }
 
