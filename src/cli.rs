@@ -12,7 +12,7 @@ use crate::encode::{
 };
 use crate::error::ConfigError;
 use crate::pipeline::{self, FileMode, PipelineOptions, StateOptions};
-use crate::read::SourceConfig;
+use crate::read::bigquery::args::BigQueryArgs;
 use crate::template::{DEFAULT_TEMPLATE, NameTemplate};
 use crate::write::{PutMode, SinkConfig, TargetOptions};
 
@@ -36,8 +36,8 @@ pub enum NestedArg {
 pub struct ExportArgs {
     /// Source URL: bq://PROJECT.DATASET.TABLE, parquet:///path (file or directory),
     /// synthetic://?rows=N&streams=K[&seed=S][&flat=true].
-    #[arg(long, value_name = "URL", env = "BQ2SFTP_FROM")]
-    pub from: String,
+    #[arg(long, value_name = "URL", env = "BQ2SFTP_FROM", required_unless_present_any = ["query", "query_file"])]
+    pub from: Option<String>,
 
     /// Target URL: dir:///path, sftp://USER@HOST[:PORT]/DIR, null: (discard, for benchmarks).
     #[arg(long, value_name = "URL", env = "BQ2SFTP_TO")]
@@ -154,9 +154,17 @@ pub struct ExportArgs {
     #[arg(long)]
     pub print_config: bool,
 
+    /// Test mode: read and encode everything but write nothing (the target is replaced by
+    /// null:), then print what would have been written.
+    #[arg(long, env = "BQ2SFTP_TEST_MODE")]
+    pub dry_run: bool,
+
     /// Rows per encoding job.
     #[arg(long, default_value_t = pipeline::DEFAULT_CHUNK_ROWS, value_name = "N", hide_short_help = true)]
     pub chunk_rows: usize,
+
+    #[command(flatten)]
+    pub bigquery: BigQueryArgs,
 
     #[command(flatten)]
     pub sftp: crate::write::sftp::args::SftpArgs,
@@ -234,7 +242,7 @@ fn delimiter(value: &str) -> Result<u8, ConfigError> {
 impl ExportArgs {
     /// Validates every flag and builds the job. No I/O happens here.
     pub fn to_job(&self) -> Result<Job, ConfigError> {
-        let source = SourceConfig::parse(&self.from)?;
+        let source = self.bigquery.source_config(self.from.as_deref())?;
         let mut target = SinkConfig::parse(&self.to)?;
         self.sftp.apply(&mut target)?;
         let format = encode::format(&self.format)?;
@@ -329,7 +337,14 @@ impl ExportArgs {
 
         let target_options =
             TargetOptions { create_dirs: self.create_dirs, partial_suffix: self.partial_suffix.clone() };
-        Ok(Job { source, target, target_options, pipeline })
+        // A dry run validates the target URL, then writes nowhere and keeps no state.
+        let (target, dry_run) = if self.dry_run {
+            pipeline.state = None;
+            (SinkConfig::Null, Some(self.to.clone()))
+        } else {
+            (target, None)
+        };
+        Ok(Job { source, target, target_options, pipeline, dry_run })
     }
 }
 
@@ -340,8 +355,9 @@ impl ExportArgs {
     fn fingerprint(&self, p: &PipelineOptions) -> String {
         use sha2::Digest;
         let identity = format!(
-            "{}\n{}\n{}\n{:?}\n{:?}\n{}\n{}\n{:?}\n{}\n{:?}\n{:?}",
+            "{:?}\n{}\n{}\n{}\n{:?}\n{:?}\n{}\n{}\n{:?}\n{}\n{:?}\n{:?}",
             self.from,
+            self.bigquery.identity(),
             self.to,
             p.format.name,
             p.compression,

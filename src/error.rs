@@ -68,6 +68,8 @@ impl Error {
         match self {
             Error::Config(_) => exit::USAGE,
             Error::Read(e) if e.is_permission() => exit::AUTH,
+            Error::Read(e) if e.is_resumable() => exit::RESUMABLE,
+            Error::Read(e) if e.is_usage() => exit::USAGE,
             Error::Read(_) => exit::SOURCE,
             Error::Encode(e) if e.is_schema_problem() => exit::USAGE,
             Error::Encode(_) => exit::SOURCE,

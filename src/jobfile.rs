@@ -33,16 +33,23 @@ pub fn load(path: &Path, overrides: &[OsString]) -> Result<(ExportArgs, ArgMatch
         .map_err(|e| ConfigError::invalid(format!("job file {shown}"), format!("cannot read it: {e}")))?;
     let table: toml::Table = toml::from_str(&text)
         .map_err(|e| ConfigError::invalid(format!("job file {shown}"), e.to_string().trim().to_string()))?;
+    from_table(&table, overrides, &format!("job file {shown}"))
+}
+
+/// The export arguments a table of `flag = value` describes (a job file, or one job of
+/// `serve`'s jobs file); `what` names it in errors.
+pub fn from_table(
+    table: &toml::Table,
+    overrides: &[OsString],
+    what: &str,
+) -> Result<(ExportArgs, ArgMatches, Vec<String>), ConfigError> {
     let command = export_command();
     let mut file_args: Vec<OsString> = Vec::new();
     let mut from_file = Vec::new();
-    for (key, value) in &table {
+    for (key, value) in table {
         let long = key.replace('_', "-");
         let arg = command.get_arguments().find(|a| a.get_long() == Some(long.as_str())).ok_or_else(|| {
-            ConfigError::invalid(
-                format!("job file {shown}"),
-                format!("unknown key '{key}'; keys are the export flags without dashes"),
-            )
+            ConfigError::invalid(what, format!("unknown key '{key}'; keys are the export flags without dashes"))
         })?;
         if given_on_command_line(overrides, &long) {
             continue;
@@ -71,16 +78,13 @@ pub fn load(path: &Path, overrides: &[OsString]) -> Result<(ExportArgs, ArgMatch
                 toml::Value::Boolean(b) => b.to_string(),
                 _ => {
                     return Err(ConfigError::invalid(
-                        format!("job file {shown}"),
+                        what,
                         format!("'{key}' must be a string, number, boolean or array of those"),
                     ));
                 }
             };
             if !takes_value {
-                return Err(ConfigError::invalid(
-                    format!("job file {shown}"),
-                    format!("'{key}' is a switch: use true or false"),
-                ));
+                return Err(ConfigError::invalid(what, format!("'{key}' is a switch: use true or false")));
             }
             file_args.push(format!("--{long}").into());
             file_args.push(text.into());
@@ -88,11 +92,8 @@ pub fn load(path: &Path, overrides: &[OsString]) -> Result<(ExportArgs, ArgMatch
         from_file.push(arg.get_id().to_string());
     }
     let args: Vec<OsString> = file_args.into_iter().chain(overrides.iter().cloned()).collect();
-    let matches = command
-        .try_get_matches_from(args)
-        .map_err(|e| ConfigError::invalid(format!("job file {shown}"), clap_message(&e)))?;
-    let export = ExportArgs::from_arg_matches(&matches)
-        .map_err(|e| ConfigError::invalid(format!("job file {shown}"), clap_message(&e)))?;
+    let matches = command.try_get_matches_from(args).map_err(|e| ConfigError::invalid(what, clap_message(&e)))?;
+    let export = ExportArgs::from_arg_matches(&matches).map_err(|e| ConfigError::invalid(what, clap_message(&e)))?;
     Ok((export, matches, from_file))
 }
 

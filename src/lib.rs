@@ -20,6 +20,7 @@
 //! ```
 
 pub mod cli;
+pub mod emulator;
 pub mod encode;
 pub mod error;
 pub mod jobfile;
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod read;
+pub mod serve;
 pub mod state;
 pub mod template;
 pub mod write;
@@ -47,6 +49,8 @@ pub struct Job {
     pub target: write::SinkConfig,
     pub target_options: write::TargetOptions,
     pub pipeline: PipelineOptions,
+    /// `--dry-run`: the target the job would have written to (it writes to `null:` instead).
+    pub dry_run: Option<String>,
 }
 
 impl Job {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use bq2sftp::cli::{ExportArgs, MetricsArgs};
+use bq2sftp::cli::ExportArgs;
 use bq2sftp::logging::{self, LogFormat};
 use bq2sftp::progress::{group, human_bytes};
 use bq2sftp::{Error, Progress, Report, exit, metrics};
@@ -24,6 +24,14 @@ Examples:
 
   # Local Parquet files to a directory as NDJSON
   bq2sftp export --from parquet:///data/orders --to dir:///srv/out --format ndjson
+
+  # Query mode: export a query's result; --plan-only shows the plan and reads nothing
+  bq2sftp export --query 'SELECT id, total FROM sales.orders WHERE day = CURRENT_DATE()' \\
+      --project my-project --location EU --to dir:///srv/out --format parquet
+
+  # A local BigQuery emulator serving ./tables/PROJECT.DATASET.TABLE.parquet
+  bq2sftp emulator --tables ./tables --port 9050 &
+  BIGQUERY_EMULATOR_HOST=127.0.0.1:9050 bq2sftp export --from bq://p.d.t --to dir://out
 
   # Measure encoding throughput without writing anything
   bq2sftp export --from 'synthetic://?rows=10M&streams=4&flat=true' --to null: --compression gzip
@@ -56,8 +64,13 @@ enum Command {
     /// Run the export a job file describes (TOML; its keys are the export flags). Flags after
     /// the file override it; environment variables override the file.
     Run(RunArgs),
+    /// Serve HTTP: POST /jobs/NAME/run starts a configured job (callers authenticated with
+    /// Google OIDC tokens), GET /runs/ID reports on it, GET /metrics, GET /healthz.
+    Serve(Box<bq2sftp::serve::ServeArgs>),
     /// Run a real export of a generated table to a local directory and show the result.
     Demo(DemoArgs),
+    /// Serve Parquet files as BigQuery tables (Storage Read API + query REST calls) for tests and demos.
+    Emulator(bq2sftp::emulator::EmulatorArgs),
     /// Upload local files as they are, with the same publishing and resume rules as export.
     Put(Box<PutArgs>),
 }
@@ -121,11 +134,13 @@ fn main() -> ExitCode {
                 let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).ok();
                 export(&args, matches.map(|m| (m, Vec::new())), format).await
             }
+            Command::Serve(args) => serve(&args).await,
             Command::Run(run) => match bq2sftp::jobfile::load(&run.job, &run.overrides) {
                 Ok((args, matches, from_file)) => export(&args, Some((matches, from_file)), format).await,
                 Err(e) => Err(Error::from(e).into()),
             },
             Command::Demo(args) => demo(&args, format).await,
+            Command::Emulator(args) => emulator(&args).await,
             Command::Put(args) => put(&args).await,
         }
     });
@@ -205,7 +220,7 @@ async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
     let result = job.run_with(cancel, progress).await;
     display.abort();
     let _ = display.await;
-    publish_metrics(&args.metrics).await;
+    metrics::publish(&args.metrics).await;
     if let Some(task) = server {
         task.abort();
     }
@@ -220,30 +235,6 @@ async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
     Ok(result?)
 }
 
-/// The end-of-job push and textfile; their failures are logged, never the job's outcome.
-async fn publish_metrics(args: &MetricsArgs) {
-    if let Some(url) = &args.pushgateway {
-        let instance = args.pushgateway_instance.clone().unwrap_or_else(hostname);
-        match metrics::push(url, &args.pushgateway_job, &instance).await {
-            Ok(()) => tracing::info!(url, "metrics pushed"),
-            Err(e) => tracing::warn!("{e}"),
-        }
-    }
-    if let Some(path) = &args.metrics_textfile
-        && let Err(e) = metrics::write_textfile(path)
-    {
-        tracing::warn!("{e}");
-    }
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
-}
-
 async fn export(
     args: &ExportArgs,
     matches: Option<(clap::ArgMatches, Vec<String>)>,
@@ -256,21 +247,102 @@ async fn export(
         }
         return Ok(());
     }
+    if args.bigquery.plan_only {
+        return plan_only(args).await;
+    }
     let report = run_job(args).await?;
+    if args.dry_run {
+        eprintln!("dry run: nothing was written; {} would have received:", args.to);
+        for f in &report.files {
+            eprintln!("  {:<40} {:>12} rows {:>10}", f.name, group(f.rows), human_bytes(f.bytes));
+        }
+    }
     print_summary(&report, format);
     Ok(())
+}
+
+/// `--plan-only`: the read plan of a BigQuery source, nothing read.
+async fn plan_only(args: &ExportArgs) -> anyhow::Result<()> {
+    use bq2sftp::read::{ReadError, SourceConfig, bigquery::BigQuerySource};
+    let job = args.to_job().map_err(Error::from)?;
+    let SourceConfig::BigQuery(options) = &job.source else {
+        let problem = "only applies to bq:// sources and --query";
+        anyhow::bail!(Error::from(bq2sftp::ConfigError::invalid("--plan-only", problem)));
+    };
+    let source = BigQuerySource::new((**options).clone()).map_err(|e| Error::from(ReadError::from(e)))?;
+    let text = source.dry_run().await.map_err(|e| Error::from(ReadError::from(e)))?;
+    print!("{text}");
+    Ok(())
+}
+
+/// `bq2sftp serve`: until SIGINT/SIGTERM, then drains.
+async fn serve(args: &bq2sftp::serve::ServeArgs) -> anyhow::Result<()> {
+    let handle = bq2sftp::serve::start(args).await?;
+    eprintln!("bq2sftp serve: listening on http://{}", handle.local_addr);
+    let stop = CancellationToken::new();
+    cancel_on_signal(stop.clone());
+    stop.cancelled().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// `bq2sftp emulator`: serves until SIGINT/SIGTERM.
+async fn emulator(args: &bq2sftp::emulator::EmulatorArgs) -> anyhow::Result<()> {
+    let config = args.to_config().map_err(Error::from)?;
+    let handle = bq2sftp::emulator::start(config)
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    eprintln!(
+        "bq2sftp emulator: serving {}/PROJECT.DATASET.TABLE.parquet on {} (gRPC and REST); \
+         use BIGQUERY_EMULATOR_HOST={}",
+        args.tables.display(),
+        handle.local_addr(),
+        handle.host_port()
+    );
+    let stop = CancellationToken::new();
+    cancel_on_signal(stop.clone());
+    stop.cancelled().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+const DEMO_TABLE: &str = "demo-project.demo.orders";
+
+/// Removes a temporary directory when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 async fn demo(args: &DemoArgs, format: LogFormat) -> anyhow::Result<()> {
     let dir = std::path::Path::new(&args.out);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the demo directory {}", dir.display()))?;
-    let export = demo_export(&args.out, args.rows)?;
+    // A generated table with every flat BigQuery type, written as Parquet and served by the
+    // in-process emulator on 127.0.0.1: the export below is a real Storage Read API read.
+    let tables = std::env::temp_dir().join(format!("bq2sftp-demo-tables-{}", std::process::id()));
+    std::fs::create_dir_all(&tables).with_context(|| format!("cannot create {}", tables.display()))?;
+    let _cleanup = RemoveOnDrop(tables.clone());
+    let table = bq2sftp::read::bigquery::TableRef::parse(DEMO_TABLE).map_err(Error::from)?;
+    eprintln!("demo: generating a {}-row table with every BigQuery type as Parquet…", group(args.rows));
+    let options = bq2sftp::read::synthetic::SyntheticOptions { rows: args.rows, flat: true, ..Default::default() };
+    let dir2 = tables.clone();
+    tokio::task::spawn_blocking(move || bq2sftp::emulator::write_synthetic_table(&dir2, &table, options))
+        .await?
+        .context("cannot write the demo table")?;
+    let config = bq2sftp::emulator::EmulatorConfig { tables: Some(tables.clone()), ..Default::default() };
+    let emulator = bq2sftp::emulator::start(config).await.context("cannot start the BigQuery emulator")?;
+    let export = demo_export(&args.out, &emulator.host_port())?;
     eprintln!(
-        "demo: exporting a generated {}-row table (every BigQuery type, 4 streams) as gzipped CSV to {}/",
-        group(args.rows),
+        "demo: exporting bq://{DEMO_TABLE} from the BigQuery emulator on {} (Storage Read API, 4 streams) as gzipped CSV to {}/",
+        emulator.host_port(),
         args.out
     );
-    let report = run_job(&export).await?;
+    let report = run_job(&export).await;
+    emulator.shutdown().await;
+    let report = report?;
     for f in &report.files {
         eprintln!(
             "  {:<32} {:>12} rows {:>10}  sha256 {}…",
@@ -360,13 +432,13 @@ async fn put(args: &PutArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo_export(out: &str, rows: u64) -> anyhow::Result<ExportArgs> {
+fn demo_export(out: &str, emulator: &str) -> anyhow::Result<ExportArgs> {
     #[derive(Parser)]
     struct Wrapper {
         #[command(flatten)]
         export: ExportArgs,
     }
-    let from = format!("synthetic://?rows={rows}&streams=4&flat=true");
+    let from = format!("bq://{DEMO_TABLE}");
     let to = format!("dir://{out}");
     let w = Wrapper::try_parse_from([
         "demo",
@@ -383,6 +455,10 @@ fn demo_export(out: &str, rows: u64) -> anyhow::Result<ExportArgs> {
         "--overwrite",
         "--success-marker",
         "--no-state",
+        "--emulator",
+        emulator,
+        "--min-streams",
+        "4",
     ])?;
     Ok(w.export)
 }

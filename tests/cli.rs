@@ -297,3 +297,40 @@ fn print_config_validates_and_masks_nothing_it_should_not() {
         &["unknown format"],
     );
 }
+
+#[test]
+fn dry_run_reads_and_encodes_but_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "export",
+        "--from",
+        "synthetic://?rows=5000&streams=2&flat=true",
+        "--to",
+        &to(tmp.path()),
+        "--compression",
+        "gzip",
+    ];
+    let out = run(&[&args[..], &["--dry-run"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("dry run: nothing was written") && err.contains("synthetic-001-00000.csv.gz"), "{err}");
+    assert!(err.contains("exported 5,000 rows"), "{err}");
+    assert_eq!(files_in(tmp.path()), Vec::<String>::new());
+    // The seed guide's TEST_MODE, as an environment variable.
+    let o = std::process::Command::new(bin())
+        .args(args)
+        .env("BQ2SFTP_TEST_MODE", "true")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success() && stderr(&o).contains("dry run"), "{}", stderr(&o));
+    assert_eq!(files_in(tmp.path()), Vec::<String>::new());
+    let o = std::process::Command::new(bin())
+        .args(args)
+        .arg("--no-state")
+        .env("BQ2SFTP_TEST_MODE", "false")
+        .output()
+        .unwrap();
+    assert!(o.status.success() && !stderr(&o).contains("dry run"));
+    assert!(tmp.path().join("_MANIFEST.json").exists(), "false means a real run");
+}

@@ -239,6 +239,32 @@ pub fn write_textfile(path: &Path) -> Result<(), MetricsError> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// The end-of-job push and textfile a job's flags ask for. Their failures are logged and never
+/// change the job's outcome.
+pub async fn publish(args: &crate::cli::MetricsArgs) {
+    if let Some(url) = &args.pushgateway {
+        let instance = args.pushgateway_instance.clone().unwrap_or_else(hostname);
+        match push(url, &args.pushgateway_job, &instance).await {
+            Ok(()) => tracing::info!(url, "metrics pushed"),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    if let Some(path) = &args.metrics_textfile
+        && let Err(e) = write_textfile(path)
+    {
+        tracing::warn!("{e}");
+    }
+}
+
+/// This machine's name, for the Pushgateway's `instance` label.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //!
 //! Registry: [`SourceConfig::parse`] maps a `--from` URL to a config; `build()` makes the source.
 
+pub mod bigquery;
 pub mod parquet;
 pub mod synthetic;
 
@@ -84,10 +85,11 @@ pub trait Source: Send + Sync {
 pub enum SourceConfig {
     Synthetic(synthetic::SyntheticOptions),
     Parquet(parquet::ParquetSourceOptions),
+    BigQuery(Box<bigquery::BigQueryOptions>),
 }
 
 impl SourceConfig {
-    /// Parses `synthetic://?rows=N&streams=K`, `parquet:///path`.
+    /// Parses `synthetic://?rows=N&streams=K`, `parquet:///path`, `bq://PROJECT.DATASET.TABLE`.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             ConfigError::invalid(
@@ -98,9 +100,10 @@ impl SourceConfig {
         match scheme {
             "synthetic" => Ok(SourceConfig::Synthetic(synthetic::SyntheticOptions::from_url(rest)?)),
             "parquet" => Ok(SourceConfig::Parquet(parquet::ParquetSourceOptions::from_url(rest)?)),
+            "bq" | "bigquery" => Ok(SourceConfig::BigQuery(Box::new(bigquery::BigQueryOptions::from_url(rest)?))),
             other => Err(ConfigError::invalid(
                 format!("--from {url}"),
-                format!("unknown source scheme '{other}://'; supported: synthetic://, parquet://"),
+                format!("unknown source scheme '{other}://'; supported: synthetic://, parquet://, bq://"),
             )),
         }
     }
@@ -109,6 +112,7 @@ impl SourceConfig {
         Ok(match self {
             SourceConfig::Synthetic(o) => Arc::new(synthetic::SyntheticSource::new(o.clone())),
             SourceConfig::Parquet(o) => Arc::new(parquet::ParquetSource::new(o.clone())),
+            SourceConfig::BigQuery(o) => Arc::new(bigquery::BigQuerySource::new((**o).clone())?),
         })
     }
 
@@ -117,6 +121,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Synthetic(_) => "synthetic".to_string(),
             SourceConfig::Parquet(o) => o.default_prefix(),
+            SourceConfig::BigQuery(o) => o.default_prefix(),
         }
     }
 }
@@ -145,6 +150,8 @@ pub enum ReadError {
     PlanChanged { source_name: String },
     #[error("permission denied reading {what}: {message}")]
     PermissionDenied { what: String, message: String },
+    #[error(transparent)]
+    BigQuery(#[from] bigquery::BigQueryError),
 }
 
 impl ReadError {
@@ -152,8 +159,19 @@ impl ReadError {
         match self {
             ReadError::PermissionDenied { .. } => true,
             ReadError::Io { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+            ReadError::BigQuery(e) => e.is_permission(),
             _ => false,
         }
+    }
+
+    /// Running the job again can finish it (a BigQuery read session expired): exit code 6.
+    pub fn is_resumable(&self) -> bool {
+        matches!(self, ReadError::BigQuery(e) if e.is_resumable())
+    }
+
+    /// The request was wrong (a bad column, filter or query): exit code 2.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, ReadError::BigQuery(e) if e.is_usage())
     }
 }
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod google;
 pub mod proxy;
 pub mod pushgateway;
 pub mod sshd;
