@@ -228,7 +228,7 @@ impl SftpArgs {
                 .collect::<Result<Vec<_>, _>>()?;
             HostKeyPolicy::Fingerprints(pins)
         } else if let Some(file) = &self.known_hosts {
-            HostKeyPolicy::KnownHosts(known_hosts_file(file)?)
+            known_hosts_policy(file)?
         } else {
             cfg.host_keys.clone()
         };
@@ -275,11 +275,10 @@ pub fn resolve(flag: &str, given: &Secret) -> Result<Secret, ConfigError> {
     }
 }
 
-/// `--known-hosts`: a file, or known_hosts lines (what a secret mounted as a variable holds),
-/// which are written to a private file for the check.
-fn known_hosts_file(given: &Path) -> Result<PathBuf, ConfigError> {
+/// `--known-hosts`: a file, or known_hosts lines (what a secret mounted as a variable holds).
+fn known_hosts_policy(given: &Path) -> Result<HostKeyPolicy, ConfigError> {
     if given.is_file() {
-        return Ok(given.to_path_buf());
+        return Ok(HostKeyPolicy::KnownHosts(given.to_path_buf()));
     }
     let text = given.to_string_lossy();
     let looks_like_lines = text.lines().any(|l| {
@@ -292,15 +291,7 @@ fn known_hosts_file(given: &Path) -> Result<PathBuf, ConfigError> {
             "no such file; create it with `ssh-keyscan -p PORT HOST > FILE` after checking the fingerprint",
         ));
     }
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    let path = std::env::temp_dir().join(format!("bq2sftp-known-hosts-{}-{:016x}", std::process::id(), h.finish()));
-    let mut body = text.into_owned();
-    body.push('\n');
-    std::fs::write(&path, body)
-        .map_err(|e| ConfigError::invalid("--known-hosts", format!("cannot write {}: {e}", path.display())))?;
-    Ok(path)
+    Ok(HostKeyPolicy::KnownHostsLines(text.into_owned()))
 }
 
 #[cfg(test)]
@@ -360,8 +351,7 @@ mod tests {
         let mut cfg = SftpConfig::from_url("sftp://u@h:2222/d").unwrap();
         a.apply_to(&mut cfg).unwrap();
         assert_eq!(cfg.password.as_ref().map(Secret::expose), Some("from-file"));
-        let HostKeyPolicy::KnownHosts(file) = &cfg.host_keys else { panic!("known_hosts expected") };
-        assert!(std::fs::read_to_string(file).unwrap().contains(line));
+        assert_eq!(cfg.host_keys, HostKeyPolicy::KnownHostsLines(line.to_string()));
         let a = parse(&["--sftp-password", "env:BQ2SFTP_TEST_SURELY_UNSET_VAR"]);
         let err = a.apply_to(&mut SftpConfig::from_url("sftp://u@h/d").unwrap()).unwrap_err().to_string();
         assert!(err.contains("not set"), "{err}");

@@ -21,6 +21,9 @@ use russh::keys::{Algorithm, HashAlg, PublicKey};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostKeyPolicy {
     KnownHosts(PathBuf),
+    /// known_hosts lines themselves (a secret mounted as a variable). [`KnownHostsLines::materialize`]
+    /// turns them into a private file for the duration of a sink.
+    KnownHostsLines(String),
     /// Normalised `SHA256:<base64 without padding>` fingerprints; any one may match.
     Fingerprints(Vec<String>),
     AcceptAny,
@@ -82,6 +85,9 @@ impl HostKeyPolicy {
                     Verdict::Mismatch { expected: pins.clone(), got, known_hosts: None }
                 }
             }
+            HostKeyPolicy::KnownHostsLines(_) => {
+                Verdict::Unreadable("known_hosts lines were not written to a file before connecting (a bug)".into())
+            }
             HostKeyPolicy::KnownHosts(path) => match recorded_keys(path, host, port) {
                 Err(e) => Verdict::Unreadable(e),
                 Ok(recorded) if recorded.is_empty() => Verdict::Unknown { got, known_hosts: Some(path.clone()) },
@@ -126,6 +132,41 @@ fn recorded_keys(path: &Path, host: &str, port: u16) -> Result<Vec<PublicKey>, S
     russh::keys::known_hosts::known_host_keys_path(host, port, path)
         .map(|keys| keys.into_iter().map(|(_, k)| k).collect())
         .map_err(|e| format!("cannot read known_hosts file {}: {e}", path.display()))
+}
+
+/// known_hosts lines held in a private temporary file while a sink lives: russh reads
+/// known_hosts from a path. The file has an unpredictable name, is created exclusively (no
+/// symlink or pre-created file is followed) with mode 0600, and is removed on drop.
+pub struct KnownHostsLines {
+    path: PathBuf,
+}
+
+impl KnownHostsLines {
+    pub fn materialize(lines: &str) -> std::io::Result<Self> {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("bq2sftp-known-hosts-{}", uuid::Uuid::new_v4().simple()));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&path)?;
+        file.write_all(lines.as_bytes())?;
+        file.write_all(b"\n")?;
+        Ok(KnownHostsLines { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for KnownHostsLines {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// The refusal, worded for the operator: what was expected, what came, what to do.

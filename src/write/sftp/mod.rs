@@ -41,6 +41,8 @@ pub struct Shared {
     pub pool: Arc<Pool>,
     /// `sftp://user@host[:port]`, prefixed to paths in messages.
     origin: String,
+    /// known_hosts lines given as text live in this file while the sink does.
+    _known_hosts: Option<hostkey::KnownHostsLines>,
 }
 
 pub struct SftpSink {
@@ -59,9 +61,21 @@ impl SftpSink {
             );
         }
         let origin = cfg.origin();
+        let mut cfg = cfg;
+        let known_hosts = match &cfg.host_keys {
+            hostkey::HostKeyPolicy::KnownHostsLines(lines) => {
+                let file = hostkey::KnownHostsLines::materialize(lines).map_err(|e| WriteError::Other {
+                    target: cfg.describe(),
+                    message: format!("cannot write the known_hosts lines to a temporary file: {e}"),
+                })?;
+                cfg.host_keys = hostkey::HostKeyPolicy::KnownHosts(file.path().to_path_buf());
+                Some(file)
+            }
+            _ => None,
+        };
         let cfg = Arc::new(cfg);
         let pool = Arc::new(Pool::new(Dialer::new(cfg.clone())?));
-        Ok(SftpSink { shared: Arc::new(Shared { cfg, target, pool, origin }) })
+        Ok(SftpSink { shared: Arc::new(Shared { cfg, target, pool, origin, _known_hosts: known_hosts }) })
     }
 }
 
