@@ -630,6 +630,41 @@ fn key_and_known_hosts_from_variables_like_deploy_gcp() {
     assert_eq!(std::fs::read(sshd.root.join("a.csv")).unwrap(), b"id\n1\n");
 }
 
+/// Keys held by an ssh-agent (SSH_AUTH_SOCK), with no key file given.
+#[test]
+fn key_from_a_running_ssh_agent() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let mut agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent runs (openssh-client)");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let added = std::process::Command::new("ssh-add").arg(&sshd.user_key).env("SSH_AUTH_SOCK", &sock).output().unwrap();
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let file = dir.path().join("agent.txt");
+    std::fs::write(&file, b"via agent\n").unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["put", file.to_str().unwrap(), "--to", &sshd.url(""), "--host-key-fingerprint", &sshd.fingerprint])
+        .env("BQ2SFTP_LOG", "warn")
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(sshd.root.join("agent.txt")).unwrap(), b"via agent\n");
+}
+
 #[test]
 fn put_uploads_local_files() {
     let sshd = Sshd::start();
