@@ -222,7 +222,7 @@ async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
 
 async fn export(
     args: &ExportArgs,
-    matches: Option<(clap::ArgMatches, Vec<String>)>,
+    matches: Option<Origins>,
     format: LogFormat,
 ) -> anyhow::Result<()> {
     if args.print_config {
@@ -260,12 +260,15 @@ async fn plan_only(args: &ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where each flag's value came from: clap's matches, and the flags a job file or plan set.
+type Origins = (clap::ArgMatches, Vec<String>);
+
 /// The flags of `subcommand` as clap matches (to tell defaults from given values), with a
 /// `--plan`'s recorded export flags underneath (flags given here override them).
 fn with_plan_flags(
     args: &ExportArgs,
     subcommand: &str,
-) -> anyhow::Result<(ExportArgs, Option<(clap::ArgMatches, Vec<String>)>)> {
+) -> anyhow::Result<(ExportArgs, Option<Origins>)> {
     let raw: Vec<_> = std::env::args_os().skip_while(|a| a != subcommand).skip(1).collect();
     let Some(path) = &args.plan else {
         let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).ok();
