@@ -220,11 +220,7 @@ async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
     Ok(result?)
 }
 
-async fn export(
-    args: &ExportArgs,
-    matches: Option<Origins>,
-    format: LogFormat,
-) -> anyhow::Result<()> {
+async fn export(args: &ExportArgs, matches: Option<Origins>, format: LogFormat) -> anyhow::Result<()> {
     if args.print_config {
         args.to_job().map_err(Error::from)?;
         if let Some((m, from_file)) = matches {
@@ -265,10 +261,7 @@ type Origins = (clap::ArgMatches, Vec<String>);
 
 /// The flags of `subcommand` as clap matches (to tell defaults from given values), with a
 /// `--plan`'s recorded export flags underneath (flags given here override them).
-fn with_plan_flags(
-    args: &ExportArgs,
-    subcommand: &str,
-) -> anyhow::Result<(ExportArgs, Option<Origins>)> {
+fn with_plan_flags(args: &ExportArgs, subcommand: &str) -> anyhow::Result<(ExportArgs, Option<Origins>)> {
     let raw: Vec<_> = std::env::args_os().skip_while(|a| a != subcommand).skip(1).collect();
     let Some(path) = &args.plan else {
         let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).ok();
