@@ -85,14 +85,14 @@ encode_bench() {
     IFS=: read -r name format codec <<<"$case"
     t=$(measure "$BIN" export --from "$syn" --to null: --format "$format" --compression "$codec")
     secs["null $name"]=${t% *}
-    row "bq2sftp synthetic -> null, $name" ${t% *} "$ROWS" "$csv_bytes" ${t#* }
+    row "bq2sftp synthetic -> null, $name" "${t% *}" "$ROWS" "$csv_bytes" "${t#* }"
   done
   for case in "csv:csv:none" "csv+gzip:csv:gzip" "parquet+zstd:parquet:zstd"; do
     IFS=: read -r name format codec <<<"$case"
     mkdir -p "$WORK/out"
     t=$(measure "$BIN" export --from "$syn" --to "dir://$WORK/out" --format "$format" --compression "$codec" --overwrite)
     secs["dir $name"]=${t% *}
-    row "bq2sftp synthetic -> dir, $name" ${t% *} "$ROWS" "$csv_bytes" ${t#* }
+    row "bq2sftp synthetic -> dir, $name" "${t% *}" "$ROWS" "$csv_bytes" "${t#* }"
     if [ "$name" = "csv+gzip" ]; then
       gz_bytes=$(python3 -c "import json,sys; print(json.load(open('$WORK/out/_MANIFEST.json'))['total_bytes'])")
     fi
@@ -125,11 +125,11 @@ PY
   t=$(measure sh -c "gzip -6 -c '$WORK/ref/ref.csv' >'$WORK/ref.csv.gz'")
   local gzip_s=${t% *} gzip_bytes
   gzip_bytes=$(stat -c %s "$WORK/ref.csv.gz")
-  row "gzip -6 (same CSV bytes)" "$gzip_s" "$ROWS" "$csv_bytes" ${t#* }
+  row "gzip -6 (same CSV bytes)" "$gzip_s" "$ROWS" "$csv_bytes" "${t#* }"
   t=$(measure sh -c "pigz -p 2 -6 -c '$WORK/ref/ref.csv' >'$WORK/ref.csv.pigz.gz'")
   local pigz_s=${t% *} pigz_bytes
   pigz_bytes=$(stat -c %s "$WORK/ref.csv.pigz.gz")
-  row "pigz -p 2 -6 (same CSV bytes)" "$pigz_s" "$ROWS" "$csv_bytes" ${t#* }
+  row "pigz -p 2 -6 (same CSV bytes)" "$pigz_s" "$ROWS" "$csv_bytes" "${t#* }"
 
   echo
   echo "Ratios (higher is better for bq2sftp):"
@@ -146,7 +146,7 @@ PY
   local n
   for n in $BIG_ROWS; do
     t=$(REPS=1 measure "$BIN" export --from "synthetic://?rows=$n&streams=4&flat=true" --to null: --compression gzip)
-    row "$n" ${t% *} "$n" "$(awk -v b="$csv_bytes" -v n="$n" -v r="$ROWS" 'BEGIN{printf "%.0f", b*n/r}')" ${t#* }
+    row "$n" "${t% *}" "$n" "$(awk -v b="$csv_bytes" -v n="$n" -v r="$ROWS" 'BEGIN{printf "%.0f", b*n/r}')" "${t#* }"
   done
 }
 

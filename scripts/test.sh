@@ -14,6 +14,7 @@ missing=()
 if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then missing+=(openssh-server); fi
 if ! command -v ssh-keygen >/dev/null 2>&1; then missing+=(openssh-client); fi
 if ! command -v prometheus-pushgateway >/dev/null 2>&1; then missing+=(prometheus-pushgateway); fi
+if ! command -v shellcheck >/dev/null 2>&1; then missing+=(shellcheck); fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   as_root apt-get update -qq

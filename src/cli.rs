@@ -36,12 +36,32 @@ pub enum NestedArg {
 pub struct ExportArgs {
     /// Source URL: bq://PROJECT.DATASET.TABLE, parquet:///path (file or directory),
     /// synthetic://?rows=N&streams=K[&seed=S][&flat=true].
-    #[arg(long, value_name = "URL", env = "BQ2SFTP_FROM", required_unless_present_any = ["query", "query_file"])]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "BQ2SFTP_FROM",
+        required_unless_present_any = ["query", "query_file", "plan"]
+    )]
     pub from: Option<String>,
 
     /// Target URL: dir:///path, sftp://USER@HOST[:PORT]/DIR, null: (discard, for benchmarks).
-    #[arg(long, value_name = "URL", env = "BQ2SFTP_TO")]
-    pub to: String,
+    #[arg(long, value_name = "URL", env = "BQ2SFTP_TO", required_unless_present = "plan")]
+    pub to: Option<String>,
+
+    /// Export a share of a plan made by `bq2sftp plan` (its source, target and options; flags
+    /// given here override them). Use with --shard I/N.
+    #[arg(long, value_name = "PATH", env = "BQ2SFTP_PLAN")]
+    pub plan: Option<std::path::PathBuf>,
+
+    /// This process's shard of the plan's streams: I/N takes streams I, I+N, I+2N, ... (I from 0).
+    #[arg(long, value_name = "I/N", requires = "plan", conflicts_with = "shard_count")]
+    pub shard: Option<String>,
+
+    /// Shards in all, the index coming from CLOUD_RUN_TASK_INDEX or JOB_COMPLETION_INDEX
+    /// (Cloud Run Jobs and Kubernetes Indexed Jobs set them). Without --shard or this, both
+    /// come from CLOUD_RUN_TASK_INDEX/CLOUD_RUN_TASK_COUNT when set.
+    #[arg(long, value_name = "N", requires = "plan")]
+    pub shard_count: Option<usize>,
 
     /// Output format: csv, parquet or ndjson.
     #[arg(long, default_value = "csv", env = "BQ2SFTP_FORMAT")]
@@ -243,7 +263,8 @@ impl ExportArgs {
     /// Validates every flag and builds the job. No I/O happens here.
     pub fn to_job(&self) -> Result<Job, ConfigError> {
         let source = self.bigquery.source_config(self.from.as_deref())?;
-        let mut target = SinkConfig::parse(&self.to)?;
+        let to = self.to.as_deref().ok_or_else(|| ConfigError::invalid("--to", "missing: give --to URL"))?;
+        let mut target = SinkConfig::parse(to)?;
         self.sftp.apply(&mut target)?;
         let format = encode::format(&self.format)?;
 
@@ -325,6 +346,15 @@ impl ExportArgs {
         }
         pipeline.chunk_rows = self.chunk_rows;
 
+        if let Some(path) = &self.plan {
+            let plan = crate::plan::PlanFile::load(path)?;
+            pipeline.saved_plan = Some(plan.read_plan()?);
+            pipeline.name_date = plan.created();
+            pipeline.shard = self.resolve_shard(&|k| std::env::var(k))?;
+            if pipeline.shard.is_some() && pipeline.file_mode == FileMode::Single {
+                return Err(ConfigError::invalid("--shard", "shards need --file-mode per-stream"));
+            }
+        }
         let fingerprint = self.fingerprint(&pipeline);
         pipeline.state = (!self.no_state).then(|| StateOptions {
             path: self.state_file.clone().unwrap_or_else(|| {
@@ -340,7 +370,7 @@ impl ExportArgs {
         // A dry run validates the target URL, then writes nowhere and keeps no state.
         let (target, dry_run) = if self.dry_run {
             pipeline.state = None;
-            (SinkConfig::Null, Some(self.to.clone()))
+            (SinkConfig::Null, Some(to.to_string()))
         } else {
             (target, None)
         };
@@ -349,16 +379,55 @@ impl ExportArgs {
 }
 
 impl ExportArgs {
+    /// The shard this process exports: `--shard I/N`, or `--shard-count N` with the index from
+    /// the scheduler (Cloud Run Jobs' `CLOUD_RUN_TASK_INDEX`, Kubernetes' `JOB_COMPLETION_INDEX`),
+    /// or both from `CLOUD_RUN_TASK_INDEX`/`CLOUD_RUN_TASK_COUNT`; `None`: every stream.
+    pub fn resolve_shard(
+        &self,
+        env: &dyn Fn(&str) -> Result<String, std::env::VarError>,
+    ) -> Result<Option<crate::pipeline::Shard>, ConfigError> {
+        use crate::pipeline::Shard;
+        if let Some(text) = &self.shard {
+            return Shard::parse(text).map(Some);
+        }
+        let index_from_env = || -> Result<usize, ConfigError> {
+            for var in ["CLOUD_RUN_TASK_INDEX", "JOB_COMPLETION_INDEX"] {
+                if let Ok(v) = env(var) {
+                    return v
+                        .trim()
+                        .parse()
+                        .map_err(|_| ConfigError::invalid(var, format!("'{v}' is not a shard index")));
+                }
+            }
+            Err(ConfigError::invalid(
+                "--shard-count",
+                "needs the shard index: --shard I/N, CLOUD_RUN_TASK_INDEX or JOB_COMPLETION_INDEX",
+            ))
+        };
+        let count = match (self.shard_count, env("CLOUD_RUN_TASK_COUNT")) {
+            (Some(n), _) => n,
+            (None, Ok(n)) => n
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::invalid("CLOUD_RUN_TASK_COUNT", format!("'{n}' is not a count")))?,
+            (None, Err(_)) => return Ok(None),
+        };
+        let text = format!("{}/{count}", index_from_env()?);
+        Shard::parse(&text).map(Some)
+    }
+
     /// Identifies the job for its state file: what is read, where it goes and everything that
     /// decides which rows land in which file under which name. Tuning flags (threads,
     /// concurrency) are left out, so a resumed run may use different ones.
     fn fingerprint(&self, p: &PipelineOptions) -> String {
         use sha2::Digest;
         let identity = format!(
-            "{:?}\n{}\n{}\n{}\n{:?}\n{:?}\n{}\n{}\n{:?}\n{}\n{:?}\n{:?}",
+            "{:?}\n{}\n{:?}\n{:?}\n{}\n{:?}\n{:?}\n{}\n{}\n{:?}\n{}\n{:?}\n{:?}",
             self.from,
             self.bigquery.identity(),
             self.to,
+            // Shards of one plan are separate jobs with separate state.
+            p.shard,
             p.format.name,
             p.compression,
             p.format_options,

@@ -28,6 +28,7 @@ pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod pipeline;
+pub mod plan;
 pub mod progress;
 pub mod read;
 pub mod serve;

@@ -64,6 +64,12 @@ enum Command {
     /// Run the export a job file describes (TOML; its keys are the export flags). Flags after
     /// the file override it; environment variables override the file.
     Run(RunArgs),
+    /// Open the source once and print a plan (streams, schema, snapshot, expiry, export flags)
+    /// that shards run with `export --plan plan.json --shard I/N`.
+    Plan(Box<ExportArgs>),
+    /// After the shards of a plan: check every stream is committed, then write the combined
+    /// manifest and _SUCCESS. `bq2sftp finalize --plan plan.json --shard-count N`.
+    Finalize(Box<ExportArgs>),
     /// Serve HTTP: POST /jobs/NAME/run starts a configured job (callers authenticated with
     /// Google OIDC tokens), GET /runs/ID reports on it, GET /metrics, GET /healthz.
     Serve(Box<bq2sftp::serve::ServeArgs>),
@@ -128,12 +134,15 @@ fn main() -> ExitCode {
     let format = cli.log_format;
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Export(args) => {
-                // Re-read the flags with clap's matches, to tell defaults from given values.
-                let raw: Vec<_> = std::env::args_os().skip_while(|a| a != "export").skip(1).collect();
-                let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).ok();
-                export(&args, matches.map(|m| (m, Vec::new())), format).await
-            }
+            Command::Export(args) => match with_plan_flags(&args, "export") {
+                Ok((args, matches)) => export(&args, matches, format).await,
+                Err(e) => Err(e),
+            },
+            Command::Plan(args) => plan(&args).await,
+            Command::Finalize(args) => match with_plan_flags(&args, "finalize") {
+                Ok((args, _)) => finalize(&args).await,
+                Err(e) => Err(e),
+            },
             Command::Serve(args) => serve(&args).await,
             Command::Run(run) => match bq2sftp::jobfile::load(&run.job, &run.overrides) {
                 Ok((args, matches, from_file)) => export(&args, Some((matches, from_file)), format).await,
@@ -235,11 +244,7 @@ async fn run_job(args: &ExportArgs) -> anyhow::Result<Report> {
     Ok(result?)
 }
 
-async fn export(
-    args: &ExportArgs,
-    matches: Option<(clap::ArgMatches, Vec<String>)>,
-    format: LogFormat,
-) -> anyhow::Result<()> {
+async fn export(args: &ExportArgs, matches: Option<Origins>, format: LogFormat) -> anyhow::Result<()> {
     if args.print_config {
         args.to_job().map_err(Error::from)?;
         if let Some((m, from_file)) = matches {
@@ -252,7 +257,7 @@ async fn export(
     }
     let report = run_job(args).await?;
     if args.dry_run {
-        eprintln!("dry run: nothing was written; {} would have received:", args.to);
+        eprintln!("dry run: nothing was written; {} would have received:", args.to.as_deref().unwrap_or("the target"));
         for f in &report.files {
             eprintln!("  {:<40} {:>12} rows {:>10}", f.name, group(f.rows), human_bytes(f.bytes));
         }
@@ -272,6 +277,74 @@ async fn plan_only(args: &ExportArgs) -> anyhow::Result<()> {
     let source = BigQuerySource::new((**options).clone()).map_err(|e| Error::from(ReadError::from(e)))?;
     let text = source.dry_run().await.map_err(|e| Error::from(ReadError::from(e)))?;
     print!("{text}");
+    Ok(())
+}
+
+/// Where each flag's value came from: clap's matches, and the flags a job file or plan set.
+type Origins = (clap::ArgMatches, Vec<String>);
+
+/// The flags of `subcommand` as clap matches (to tell defaults from given values), with a
+/// `--plan`'s recorded export flags underneath (flags given here override them).
+fn with_plan_flags(args: &ExportArgs, subcommand: &str) -> anyhow::Result<(ExportArgs, Option<Origins>)> {
+    let raw: Vec<_> = std::env::args_os().skip_while(|a| a != subcommand).skip(1).collect();
+    let Some(path) = &args.plan else {
+        let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).ok();
+        return Ok((args.clone(), matches.map(|m| (m, Vec::new()))));
+    };
+    let plan = bq2sftp::plan::PlanFile::load(path).map_err(Error::from)?;
+    let what = format!("--plan {}", path.display());
+    let (merged, matches, from_plan) =
+        bq2sftp::jobfile::from_table(&plan.export_table(), &raw, &what).map_err(Error::from)?;
+    Ok((merged, Some((matches, from_plan))))
+}
+
+/// `bq2sftp plan`: opens the source once and prints the plan as JSON on stdout.
+async fn plan(args: &ExportArgs) -> anyhow::Result<()> {
+    let raw: Vec<_> = std::env::args_os().skip_while(|a| a != "plan").skip(1).collect();
+    let matches = bq2sftp::jobfile::export_command().try_get_matches_from(raw).map_err(|e| anyhow::anyhow!(e))?;
+    let job = args.to_job().map_err(Error::from)?;
+    let source = job.source.build().map_err(Error::from)?;
+    let read_plan = source.plan().await.map_err(Error::from)?;
+    let file = bq2sftp::plan::PlanFile::new(&read_plan, bq2sftp::plan::given_flags(&matches));
+    println!("{}", serde_json::to_string_pretty(&file)?);
+    eprintln!(
+        "plan: {} streams of {}{}; run shards with `bq2sftp export --plan PLAN --shard I/N`, then `bq2sftp finalize --plan PLAN --shard-count N`",
+        read_plan.streams.len(),
+        read_plan.description.name,
+        read_plan.description.expires_at.as_ref().map(|e| format!(" (readable until {e})")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `bq2sftp finalize`: the combined manifest once every shard has committed.
+async fn finalize(args: &ExportArgs) -> anyhow::Result<()> {
+    let Some(path) = &args.plan else {
+        anyhow::bail!(Error::from(bq2sftp::ConfigError::invalid("finalize", "needs --plan PATH")));
+    };
+    let plan = bq2sftp::plan::PlanFile::load(path).map_err(Error::from)?;
+    let count = args
+        .shard_count
+        .or_else(|| std::env::var("CLOUD_RUN_TASK_COUNT").ok().and_then(|n| n.trim().parse().ok()))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            Error::from(bq2sftp::ConfigError::invalid(
+                "finalize",
+                "needs --shard-count N (the number of shards that ran)",
+            ))
+        })?;
+    // Finalize is no shard itself: only the count matters.
+    let mut whole = args.clone();
+    (whole.shard, whole.shard_count) = (None, None);
+    let job = whole.to_job().map_err(Error::from)?;
+    let sink = job.target.build(&job.target_options).map_err(Error::from)?;
+    let manifest = bq2sftp::plan::finalize(&plan, sink, &job.pipeline, count).await?;
+    eprintln!(
+        "finalized: {} shards, {} streams, {} files, {} rows; manifest written",
+        count,
+        plan.streams.len(),
+        manifest.total_files,
+        group(manifest.total_rows)
+    );
     Ok(())
 }
 

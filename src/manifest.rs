@@ -40,6 +40,12 @@ pub struct Manifest {
     pub total_bytes: u64,
     pub total_files: usize,
     pub files: Vec<FileRecord>,
+    /// Set in a shard's manifest (`bq2sftp export --plan … --shard I/N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::pipeline::Shard>,
+    /// The plan's streams whose every row is in `files`.
+    #[serde(default)]
+    pub streams: Vec<usize>,
 }
 
 impl Manifest {

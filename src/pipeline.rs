@@ -92,6 +92,43 @@ pub struct PipelineOptions {
     pub queue_batches: usize,
     /// Where progress is recorded for `--resume`; `None` keeps no state.
     pub state: Option<StateOptions>,
+    /// Read this plan (from `bq2sftp plan`) instead of making one.
+    pub saved_plan: Option<ReadPlan>,
+    /// Export only this share of the plan's streams.
+    pub shard: Option<Shard>,
+    /// The `{date}` of file names (default: when the job starts); a plan's shards share theirs.
+    pub name_date: Option<DateTime<Utc>>,
+}
+
+/// One share of a plan's streams: shard `index` of `count` takes streams `index`,
+/// `index + count`, `index + 2 * count`, …
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// Parses `I/N`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::invalid(format!("--shard {text}"), "expected I/N with 0 <= I < N, e.g. 0/4");
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let shard = Shard { index: i.trim().parse().map_err(|_| bad())?, count: n.trim().parse().map_err(|_| bad())? };
+        if shard.count == 0 || shard.index >= shard.count {
+            return Err(bad());
+        }
+        Ok(shard)
+    }
+
+    pub fn owns(&self, stream: usize) -> bool {
+        stream % self.count == self.index
+    }
+
+    /// The manifest a shard writes, beside the combined one `finalize` writes.
+    pub fn manifest_name(&self, manifest: &str) -> String {
+        let stem = manifest.strip_suffix(".json").unwrap_or(manifest);
+        format!("{stem}.shard-{}-of-{}.json", self.index, self.count)
+    }
 }
 
 /// The state file of a job (see [`crate::state`]).
@@ -126,6 +163,9 @@ impl PipelineOptions {
             chunk_rows: DEFAULT_CHUNK_ROWS,
             queue_batches: DEFAULT_QUEUE_BATCHES,
             state: None,
+            saved_plan: None,
+            shard: None,
+            name_date: None,
         }
     }
 
@@ -169,13 +209,7 @@ struct Ctx {
 
 impl Ctx {
     fn name(&self, stream: usize, seq: u64) -> String {
-        self.opts.template.render(&NameContext {
-            prefix: &self.opts.prefix,
-            stream,
-            seq,
-            date: self.started,
-            ext: &self.opts.extension(),
-        })
+        file_name(&self.opts, stream, seq, self.opts.name_date.unwrap_or(self.started))
     }
 
     /// Reserves a file name, refusing one this job already used (a template without `{seq}`
@@ -264,6 +298,7 @@ pub async fn run(
             .plan
             .streams
             .iter()
+            .filter(|s| ctx.opts.shard.is_none_or(|shard| shard.owns(s.index)))
             .filter_map(|s| {
                 let done = previous.as_ref().and_then(|p| p.lanes.get(&s.index));
                 match done {
@@ -347,15 +382,21 @@ pub async fn run(
         return Err(e);
     }
 
-    if files.is_empty() {
+    if files.is_empty() && ctx.opts.shard.is_none() {
         // No rows at all: one file with just the header (or an empty Parquet file), as a
-        // BigQuery export of an empty table writes.
+        // BigQuery export of an empty table writes. With shards, `finalize` decides that.
         files.push(write_empty_file(&ctx).await?);
     }
 
     let rows = files.iter().map(|f| f.rows).sum();
     let bytes = files.iter().map(|f| f.bytes).sum();
-    let manifest = match &ctx.opts.manifest_name {
+    let manifest_name = match (ctx.opts.shard, &ctx.opts.manifest_name) {
+        (Some(shard), name) => {
+            Some(shard.manifest_name(name.as_deref().unwrap_or(crate::manifest::DEFAULT_MANIFEST_NAME)))
+        }
+        (None, name) => name.clone(),
+    };
+    let manifest = match &manifest_name {
         Some(name) => {
             let m = Manifest {
                 manifest_version: Manifest::VERSION,
@@ -370,13 +411,21 @@ pub async fn run(
                 total_bytes: bytes,
                 total_files: files.len(),
                 files: files.clone(),
+                shard: ctx.opts.shard,
+                streams: ctx
+                    .plan
+                    .streams
+                    .iter()
+                    .map(|s| s.index)
+                    .filter(|i| ctx.opts.shard.is_none_or(|shard| shard.owns(*i)))
+                    .collect(),
             };
             put_small(&ctx, name, Bytes::from(m.to_json())).await?;
             Some(name.clone())
         }
         None => None,
     };
-    if let Some(marker) = &ctx.opts.success_marker {
+    if let Some(marker) = ctx.opts.success_marker.as_ref().filter(|_| ctx.opts.shard.is_none()) {
         put_small(&ctx, marker, Bytes::new()).await?;
     }
     if let Some(state) = &ctx.state
@@ -405,6 +454,9 @@ async fn open_plan(source: &dyn Source, opts: &PipelineOptions) -> Result<(ReadP
     {
         let plan = source.reopen(&saved.plan(&state.path)?).await?;
         return Ok((plan, Some(saved)));
+    }
+    if let Some(plan) = &opts.saved_plan {
+        return Ok((source.reopen(plan).await?, None));
     }
     Ok((source.plan().await?, None))
 }
@@ -466,10 +518,22 @@ async fn refuse_existing(ctx: &Ctx) -> Result<(), Error> {
     if ctx.opts.put_mode == PutMode::Overwrite {
         return Ok(());
     }
-    let mut names: Vec<String> = ctx.opts.manifest_name.iter().cloned().collect();
+    let mut names: Vec<String> = match ctx.opts.shard {
+        Some(shard) => vec![
+            shard.manifest_name(ctx.opts.manifest_name.as_deref().unwrap_or(crate::manifest::DEFAULT_MANIFEST_NAME)),
+        ],
+        None => ctx.opts.manifest_name.iter().cloned().collect(),
+    };
     let first_lanes: Vec<usize> = match ctx.opts.file_mode {
         FileMode::Single => vec![0],
-        FileMode::PerStream => ctx.plan.streams.iter().map(|s| s.index).take(64).collect(),
+        FileMode::PerStream => ctx
+            .plan
+            .streams
+            .iter()
+            .map(|s| s.index)
+            .filter(|i| ctx.opts.shard.is_none_or(|shard| shard.owns(*i)))
+            .take(64)
+            .collect(),
     };
     names.extend(first_lanes.into_iter().chain([0]).map(|lane| ctx.name(lane, 0)));
     names.dedup();
@@ -492,19 +556,28 @@ async fn put_small(ctx: &Ctx, name: &str, data: Bytes) -> Result<(), Error> {
     Ok(())
 }
 
-async fn write_empty_file(ctx: &Ctx) -> Result<FileRecord, Error> {
-    let opts = &ctx.opts;
-    let mut encoder = (opts.format.build)(&ctx.plan.schema, &opts.format_options, Part::Whole)?;
+/// The bytes of a file with no rows: the CSV header, an empty Parquet file with the schema,
+/// nothing for NDJSON.
+pub fn empty_file(opts: &PipelineOptions, schema: &arrow_schema::SchemaRef) -> Result<Vec<u8>, Error> {
+    let mut encoder = (opts.format.build)(schema, &opts.format_options, Part::Whole)?;
     encoder.finish()?;
     let mut raw = Vec::new();
     encoder.drain_into(&mut raw);
-    let data = if raw.is_empty() || opts.format.internal_compression {
-        raw
-    } else {
-        let mut out = Vec::new();
-        opts.compression.compress_block(&raw, &mut out)?;
-        out
-    };
+    if raw.is_empty() || opts.format.internal_compression {
+        return Ok(raw);
+    }
+    let mut out = Vec::new();
+    opts.compression.compress_block(&raw, &mut out)?;
+    Ok(out)
+}
+
+/// The name of file `seq` of stream `stream` for a job started at `date`.
+pub fn file_name(opts: &PipelineOptions, stream: usize, seq: u64, date: DateTime<Utc>) -> String {
+    opts.template.render(&NameContext { prefix: &opts.prefix, stream, seq, date, ext: &opts.extension() })
+}
+
+async fn write_empty_file(ctx: &Ctx) -> Result<FileRecord, Error> {
+    let data = empty_file(&ctx.opts, &ctx.plan.schema)?;
     let name = ctx.name(0, 0);
     ctx.claim(&name)?;
     let record = FileRecord {

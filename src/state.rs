@@ -100,7 +100,8 @@ impl JobState {
     }
 }
 
-fn encode_schema(schema: &Schema) -> String {
+/// An Arrow schema as a base64 IPC schema message (field metadata included).
+pub fn encode_schema(schema: &Schema) -> String {
     let data = arrow_ipc::writer::IpcDataGenerator::default().schema_to_bytes_with_dictionary_tracker(
         schema,
         &mut arrow_ipc::writer::DictionaryTracker::new(false),
@@ -109,7 +110,8 @@ fn encode_schema(schema: &Schema) -> String {
     base64::engine::general_purpose::STANDARD.encode(&data.ipc_message)
 }
 
-fn decode_schema(text: &str) -> Result<Schema, String> {
+/// The inverse of [`encode_schema`].
+pub fn decode_schema(text: &str) -> Result<Schema, String> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| e.to_string())?;
     arrow_ipc::convert::try_schema_from_flatbuffer_bytes(&bytes).map_err(|e| e.to_string())
 }

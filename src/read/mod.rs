@@ -56,6 +56,9 @@ pub struct SourceDescription {
     /// The snapshot the rows were read at, when the source has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_time: Option<String>,
+    /// When the plan's streams stop being readable (a BigQuery read session's `expire_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 #[async_trait::async_trait]

@@ -189,6 +189,7 @@ impl Source for ParquetSource {
                 kind: "parquet".into(),
                 name: self.options.path.display().to_string(),
                 snapshot_time: None,
+                expires_at: None,
             },
         })
     }

@@ -144,6 +144,7 @@ impl Source for SyntheticSource {
                 kind: "synthetic".into(),
                 name: format!("synthetic rows={} streams={} seed={} flat={}", o.rows, o.streams, o.seed, o.flat),
                 snapshot_time: None,
+                expires_at: None,
             },
         })
     }

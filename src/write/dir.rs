@@ -99,6 +99,16 @@ impl Sink for DirSink {
         .await
     }
 
+    async fn get(&self, name: &str) -> Result<Option<Bytes>, WriteError> {
+        let path = self.path(name);
+        blocking(move || match std::fs::read(&path) {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(WriteError::io("read", shown(&path), e)),
+        })
+        .await
+    }
+
     async fn create(&self, name: &str, mode: PutMode) -> Result<Box<dyn Upload>, WriteError> {
         let final_path = self.path(name);
         let partial = self.path(&format!("{name}{}", self.target.partial_suffix));

@@ -40,6 +40,12 @@ pub trait Sink: Send + Sync {
 
     /// Starts uploading `name`. Nothing is visible under `name` until [`Upload::complete`].
     async fn create(&self, name: &str, mode: PutMode) -> Result<Box<dyn Upload>, WriteError>;
+
+    /// Reads a small committed file back (a shard's manifest), or `None` when it does not exist.
+    async fn get(&self, name: &str) -> Result<Option<Bytes>, WriteError> {
+        let _ = name;
+        Err(WriteError::Other { target: self.describe(), message: "this target cannot read files back".into() })
+    }
 }
 
 #[async_trait::async_trait]

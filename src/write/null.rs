@@ -30,6 +30,9 @@ impl Sink for NullSink {
     async fn exists(&self, _name: &str) -> Result<bool, WriteError> {
         Ok(false)
     }
+    async fn get(&self, _name: &str) -> Result<Option<Bytes>, WriteError> {
+        Ok(None)
+    }
     async fn create(&self, _name: &str, _mode: PutMode) -> Result<Box<dyn Upload>, WriteError> {
         Ok(Box::new(NullUpload { total: self.bytes.clone(), bytes: 0 }))
     }

@@ -546,6 +546,11 @@ impl BigQuerySource {
                 kind: "bigquery".into(),
                 name,
                 snapshot_time: Some(snapshot.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+                expires_at: session
+                    .expire_time
+                    .as_ref()
+                    .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             },
         })
     }
