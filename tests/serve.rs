@@ -5,79 +5,15 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use axum::Json;
-use axum::routing::get;
-use base64::Engine;
 use bq2sftp::serve::{self, ServeArgs};
 use common::files_in;
-use common::google::{TestKey, test_key};
-use jsonwebtoken::jwk::{Jwk, JwkSet};
+use common::google::test_key;
+use common::oidc::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-
-const AUDIENCE: &str = "https://bq2sftp-test.a.run.app";
-const CALLER: &str = "scheduler@p.iam.gserviceaccount.com";
-const KID: &str = "test-kid-1";
-
-struct Jwks {
-    url: String,
-    fetches: Arc<AtomicUsize>,
-}
-
-/// Serves `{"keys": [...]}` for `key` under `KID`, as https://www.googleapis.com/oauth2/v3/certs does.
-async fn start_jwks(key: &TestKey) -> Jwks {
-    let encoding = EncodingKey::from_rsa_pem(key.private_pem.as_bytes()).unwrap();
-    let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::RS256).unwrap();
-    jwk.common.key_id = Some(KID.to_string());
-    let set = JwkSet { keys: vec![jwk] };
-    let fetches = Arc::new(AtomicUsize::new(0));
-    let counter = fetches.clone();
-    let app = axum::Router::new().route(
-        "/oauth2/v3/certs",
-        get(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            let set = serde_json::to_value(&set).unwrap();
-            async move { Json(set) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Jwks { url: format!("http://{addr}/oauth2/v3/certs"), fetches }
-}
-
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-/// Claims as Cloud Scheduler's OIDC tokens carry them.
-fn claims() -> Value {
-    json!({
-        "iss": "https://accounts.google.com",
-        "aud": AUDIENCE,
-        "azp": "1234567890",
-        "sub": "1234567890",
-        "email": CALLER,
-        "email_verified": true,
-        "iat": now() - 10,
-        "exp": now() + 3590,
-    })
-}
-
-fn sign(key: &TestKey, kid: &str, claims: &Value) -> String {
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some(kid.to_string());
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(key.private_pem.as_bytes()).unwrap()).unwrap()
-}
-
-fn unsigned(claims: &Value) -> String {
-    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-    format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT", "kid": KID})), b64(claims))
-}
 
 fn jobs_file(dir: &Path, out: &Path) -> std::path::PathBuf {
     let path = dir.join("jobs.toml");

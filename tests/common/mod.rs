@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod google;
+pub mod oidc;
 pub mod proxy;
 pub mod pushgateway;
 pub mod sshd;

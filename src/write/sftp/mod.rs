@@ -280,4 +280,45 @@ impl Sink for SftpSink {
     async fn create(&self, name: &str, mode: PutMode) -> Result<Box<dyn Upload>, WriteError> {
         Ok(Box::new(upload::SftpUpload::start(self.shared.clone(), name, mode).await?))
     }
+
+    async fn get(&self, name: &str) -> Result<Option<bytes::Bytes>, WriteError> {
+        let path = self.shared.cfg.remote_path(name);
+        let shown = self.shared.shown(&path);
+        let read = self
+            .shared
+            .pool
+            .run(0, "read", |c| {
+                let p = path.clone();
+                async move {
+                    let handle = c.sftp.open(&p, open::READ).await?;
+                    let mut data = bytes::BytesMut::new();
+                    let result = async {
+                        // Only small files are read back (manifests): refuse anything huge.
+                        while data.len() < MAX_GET_BYTES {
+                            match c.sftp.read(&handle, data.len() as u64, 32 * 1024).await? {
+                                Some(chunk) if !chunk.is_empty() => data.extend_from_slice(&chunk),
+                                _ => break,
+                            }
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    let _ = c.sftp.close_handle(&handle).await;
+                    result.map(|()| data.freeze())
+                }
+            })
+            .await;
+        match read {
+            Ok(data) if data.len() >= MAX_GET_BYTES => Err(WriteError::Other {
+                target: shown,
+                message: format!("larger than {MAX_GET_BYTES} bytes; only manifests are read back"),
+            }),
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into_write("read", shown)),
+        }
+    }
 }
+
+/// The most [`Sink::get`] reads back.
+const MAX_GET_BYTES: usize = 64 * 1024 * 1024;

@@ -35,6 +35,7 @@ pub mod fxp {
     pub const VERSION: u8 = 2;
     pub const OPEN: u8 = 3;
     pub const CLOSE: u8 = 4;
+    pub const READ: u8 = 5;
     pub const WRITE: u8 = 6;
     pub const FSTAT: u8 = 8;
     pub const REMOVE: u8 = 13;
@@ -53,6 +54,7 @@ pub mod fxp {
 
 /// `pflags` of SSH_FXP_OPEN (draft-02 section 6.3).
 pub mod open {
+    pub const READ: u32 = 0x01;
     pub const WRITE: u32 = 0x02;
     pub const CREAT: u32 = 0x08;
     pub const TRUNC: u32 = 0x10;
@@ -482,6 +484,16 @@ impl Session {
             Reply::Handle(h) => Ok(h),
             Reply::Status(s) => Err(CallError::Status(s)),
             other => Err(CallError::Protocol(format!("expected a handle, got {}", reply_kind(&other)))),
+        }
+    }
+
+    /// SSH_FXP_READ: up to `len` bytes at `offset`; `None` at the end of the file.
+    pub async fn read(&self, handle: &Bytes, offset: u64, len: u32) -> Result<Option<Bytes>, CallError> {
+        match self.call(Request::new(fxp::READ).string(handle).u64(offset).u32(len)).await? {
+            Reply::Data(d) => Ok(Some(d)),
+            Reply::Status(s) if s.code == code::EOF => Ok(None),
+            Reply::Status(s) => Err(CallError::Status(s)),
+            other => Err(CallError::Protocol(format!("expected data, got {}", reply_kind(&other)))),
         }
     }
 
