@@ -374,7 +374,8 @@ impl ExportArgs {
         } else {
             (target, None)
         };
-        Ok(Job { source, target, target_options, pipeline, dry_run })
+        let secret_manager = self.bigquery.secret_manager()?;
+        Ok(Job { source, target, target_options, pipeline, dry_run, secret_manager })
     }
 }
 

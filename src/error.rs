@@ -54,6 +54,8 @@ pub enum Error {
     Write(#[from] WriteError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
     /// The job was cancelled (signal, or another part of the job failed first).
     #[error("interrupted: {0}; files committed so far are intact")]
     Interrupted(String),
@@ -80,6 +82,8 @@ impl Error {
             Error::Write(WriteError::Exists { .. }) => exit::USAGE,
             Error::Write(_) => exit::TARGET,
             Error::State(_) => exit::USAGE,
+            Error::Secret(e) if e.is_usage() => exit::USAGE,
+            Error::Secret(_) => exit::AUTH,
             Error::Interrupted(_) => exit::RESUMABLE,
             Error::Internal(_) => exit::INTERNAL,
         }

@@ -22,8 +22,15 @@ use crate::error::ConfigError;
 
 /// The `export` command as clap sees it, for introspection.
 pub fn export_command() -> Command {
+    // The binary's global flags may follow the subcommand (`export ... -v --log-format json`);
+    // they are accepted here so that those command lines parse, and belong to the logger.
     ExportArgs::augment_args(Command::new("export").no_binary_name(true))
+        .arg(clap::Arg::new(GLOBAL_VERBOSE).short('v').long("verbose").action(clap::ArgAction::Count).hide(true))
+        .arg(clap::Arg::new(GLOBAL_LOG_FORMAT).long("log-format").hide(true))
 }
+
+const GLOBAL_VERBOSE: &str = "global-verbose";
+const GLOBAL_LOG_FORMAT: &str = "global-log-format";
 
 /// Reads `path` and returns the export arguments it describes, with `overrides` (flags from the
 /// command line) taking precedence, and the parsed matches (for `--print-config`).
@@ -48,9 +55,13 @@ pub fn from_table(
     let mut from_file = Vec::new();
     for (key, value) in table {
         let long = key.replace('_', "-");
-        let arg = command.get_arguments().find(|a| a.get_long() == Some(long.as_str())).ok_or_else(|| {
-            ConfigError::invalid(what, format!("unknown key '{key}'; keys are the export flags without dashes"))
-        })?;
+        let arg = command
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .find(|a| a.get_long() == Some(long.as_str()))
+            .ok_or_else(|| {
+                ConfigError::invalid(what, format!("unknown key '{key}'; keys are the export flags without dashes"))
+            })?;
         if given_on_command_line(overrides, &long) {
             continue;
         }
@@ -121,13 +132,18 @@ pub fn describe(matches: &ArgMatches, from_file: &[String]) -> String {
     let mut lines = BTreeMap::new();
     for arg in command.get_arguments() {
         let id = arg.get_id().as_str();
+        if id == GLOBAL_VERBOSE || id == GLOBAL_LOG_FORMAT {
+            continue;
+        }
         let Some(long) = arg.get_long() else { continue };
         let Some(source) = matches.value_source(id) else { continue };
         let values: Vec<String> = match matches.get_raw(id) {
             Some(raw) => raw.map(|v| v.to_string_lossy().into_owned()).collect(),
             None => continue,
         };
-        let value = if is_secret(id) {
+        // A reference (env:, file:, gcp-secret:) names where the secret lives, which is what
+        // someone checking the configuration wants to see; the value itself never shows.
+        let value = if is_secret(id) && !(values.len() == 1 && crate::secret::is_reference(&values[0])) {
             "\"***\"".to_string()
         } else if !arg.get_action().takes_values() {
             matches.get_flag(id).to_string()

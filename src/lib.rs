@@ -31,6 +31,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod read;
+pub mod secret;
 pub mod serve;
 pub mod state;
 pub mod template;
@@ -52,6 +53,8 @@ pub struct Job {
     pub pipeline: PipelineOptions,
     /// `--dry-run`: the target the job would have written to (it writes to `null:` instead).
     pub dry_run: Option<String>,
+    /// Where the target's `gcp-secret:` references are fetched from.
+    pub secret_manager: secret::SecretManagerOptions,
 }
 
 impl Job {
@@ -60,13 +63,19 @@ impl Job {
         let started = std::time::Instant::now();
         let result = async {
             let source = self.source.build()?;
-            let sink = self.target.build(&self.target_options)?;
+            let sink = self.sink().await?;
             pipeline::run(source, sink, self.pipeline.clone(), cancel, progress).await
         }
         .await;
         let exit_code = result.as_ref().map_or_else(Error::exit_code, |_| exit::OK);
         metrics::events::JobFinished { exit_code, seconds: started.elapsed().as_secs_f64() }.emit();
         result
+    }
+
+    /// The target, its `gcp-secret:` references fetched, ready to connect.
+    pub async fn sink(&self) -> Result<Arc<dyn write::Sink>, Error> {
+        let target = self.target.with_secrets(&self.secret_manager).await?;
+        Ok(target.build(&self.target_options)?)
     }
 }
 

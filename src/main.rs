@@ -336,7 +336,7 @@ async fn finalize(args: &ExportArgs) -> anyhow::Result<()> {
     let mut whole = args.clone();
     (whole.shard, whole.shard_count) = (None, None);
     let job = whole.to_job().map_err(Error::from)?;
-    let sink = job.target.build(&job.target_options).map_err(Error::from)?;
+    let sink = job.sink().await?;
     let manifest = bq2sftp::plan::finalize(&plan, sink, &job.pipeline, count).await?;
     eprintln!(
         "finalized: {} shards, {} streams, {} files, {} rows; manifest written",
@@ -445,6 +445,7 @@ async fn put(args: &PutArgs) -> anyhow::Result<()> {
     let mut target = SinkConfig::parse(&args.to).map_err(Error::from)?;
     args.sftp.apply(&mut target).map_err(Error::from)?;
     let options = TargetOptions { create_dirs: args.create_dirs, partial_suffix: args.partial_suffix.clone() };
+    let target = target.with_secrets(&Default::default()).await.map_err(Error::from)?;
     let sink = target.build(&options).map_err(Error::from)?;
     sink.check().await.map_err(Error::from)?;
     let mode = if args.overwrite { PutMode::Overwrite } else { PutMode::Create };

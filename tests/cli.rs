@@ -276,6 +276,8 @@ fn job_files_run_with_flags_over_environment_over_file() {
     assert!(show(Some("parquet"), &[]).contains("format = \"parquet\"  # environment"));
     assert!(show(Some("parquet"), &["--format", "csv"]).contains("format = \"csv\"  # flag"));
     assert!(show(None, &[]).contains("max-file-bytes = \"1GiB\"  # default"));
+    // The binary's global flags may follow the subcommand and its job file.
+    assert!(show(None, &["-v", "--log-format", "json"]).contains("format = \"ndjson\"  # job file"));
 
     // A bad job file fails before anything runs, naming the file and the key.
     let bad = tmp.path().join("bad.toml");
@@ -291,6 +293,17 @@ fn print_config_validates_and_masks_nothing_it_should_not() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("compression = \"zstd\"  # flag") && text.contains("to = \"null:\"  # flag"), "{text}");
+    let out = run(&[
+        "export",
+        "--from",
+        "synthetic://?rows=1",
+        "--to",
+        "null:",
+        "--print-config",
+        "-vv",
+        "--log-format=json",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("to = \"null:\"  # flag"), "{}", stderr(&out));
     expect_failure(
         &["export", "--from", "synthetic://?rows=1", "--to", "null:", "--format", "xml", "--print-config"],
         exit::USAGE,

@@ -95,6 +95,29 @@ impl SinkConfig {
         }
     }
 
+    /// This target with its `gcp-secret:` references replaced by the secrets they name
+    /// (fetched from Secret Manager once each); other targets hold no secrets.
+    pub async fn with_secrets(
+        &self,
+        options: &crate::secret::SecretManagerOptions,
+    ) -> Result<SinkConfig, crate::secret::SecretError> {
+        let SinkConfig::Sftp(cfg) = self else { return Ok(self.clone()) };
+        let pending = [&cfg.password, &cfg.identity_data, &cfg.passphrase]
+            .into_iter()
+            .any(|s| s.as_ref().is_some_and(|s| s.gcp_reference().is_some()));
+        if !pending {
+            return Ok(self.clone());
+        }
+        let manager = crate::secret::SecretManager::new(options);
+        let mut cfg = cfg.clone();
+        for slot in [&mut cfg.password, &mut cfg.identity_data, &mut cfg.passphrase] {
+            if let Some(value) = slot.as_ref() {
+                *slot = Some(manager.resolve(value).await?);
+            }
+        }
+        Ok(SinkConfig::Sftp(cfg))
+    }
+
     pub fn build(&self, options: &TargetOptions) -> Result<Arc<dyn Sink>, WriteError> {
         Ok(match self {
             SinkConfig::Dir(o) => Arc::new(dir::DirSink::new(o.clone(), options.clone())),

@@ -6,6 +6,7 @@ pub mod google;
 pub mod oidc;
 pub mod proxy;
 pub mod pushgateway;
+pub mod secretmanager;
 pub mod sshd;
 
 use std::path::{Path, PathBuf};

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use super::auth::{CredentialsSource, SCOPE_BIGQUERY, SCOPE_DRIVE_READONLY};
+use super::auth::{AuthOptions, CredentialsSource, SCOPE_BIGQUERY, SCOPE_DRIVE_READONLY};
 use super::decode::BufferCompression;
 use super::query::QueryOptions;
+use super::retry::RetryPolicy;
 use super::{BigQueryOptions, Endpoints, ReadTarget, TableRef};
 use crate::error::ConfigError;
 use crate::read::SourceConfig;
+use crate::secret::{DEFAULT_SECRET_MANAGER_ENDPOINT, SecretManagerOptions};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum ArrowCompressionArg {
@@ -122,6 +124,10 @@ pub struct BigQueryArgs {
     #[arg(long, value_name = "HOST")]
     pub metadata_host: Option<String>,
 
+    /// Secret Manager REST root for gcp-secret: references (default https://secretmanager.googleapis.com).
+    #[arg(long, env = "BQ2SFTP_SECRET_MANAGER_ENDPOINT", value_name = "URL")]
+    pub secret_manager_endpoint: Option<String>,
+
     /// IAM Credentials endpoint for --impersonate-service-account.
     #[arg(long, value_name = "URL")]
     pub iam_endpoint: Option<String>,
@@ -194,14 +200,63 @@ impl BigQueryArgs {
             (self.billing_project.is_some(), "--billing-project"),
             (self.max_streams != 0, "--max-streams"),
             (self.min_streams.is_some(), "--min-streams"),
-            (self.credentials.is_some(), "--credentials"),
-            (self.credentials_base64_env.is_some(), "--credentials-base64-env"),
-            (self.impersonate_subject.is_some(), "--impersonate-subject"),
             (self.project.is_some(), "--project"),
             (self.location.is_some(), "--location"),
         ]
         .into_iter()
         .find_map(|(used, flag)| used.then_some(flag))
+    }
+
+    /// The Google credentials these flags name, for BigQuery and for Secret Manager alike
+    /// (scopes are the caller's business).
+    pub fn google_auth(&self) -> AuthOptions {
+        let mut auth = AuthOptions {
+            source: match (&self.credentials, &self.credentials_base64_env, self.metadata_credentials) {
+                (Some(p), _, _) => CredentialsSource::File(p.clone()),
+                (None, Some(var), _) => CredentialsSource::Base64Env(var.clone()),
+                (None, None, true) => CredentialsSource::MetadataServer,
+                (None, None, false) => CredentialsSource::ApplicationDefault,
+            },
+            subject: self.impersonate_subject.clone(),
+            impersonate_service_account: self.impersonate_service_account.clone(),
+            token_uri: self.token_uri.clone(),
+            metadata_host: self.metadata_host.clone(),
+            ..AuthOptions::default()
+        };
+        if let Some(iam) = &self.iam_endpoint {
+            auth.iam_endpoint = iam.clone();
+        }
+        auth
+    }
+
+    /// `--read-retries` and the backoff flags.
+    pub fn retry_policy(&self) -> Result<RetryPolicy, ConfigError> {
+        if self.read_retries == 0 {
+            return Err(ConfigError::invalid("--read-retries", "must be at least 1"));
+        }
+        Ok(RetryPolicy {
+            max_attempts: self.read_retries,
+            initial_backoff: parse_duration("retry-initial-backoff", &self.retry_initial_backoff)?,
+            max_backoff: parse_duration("retry-max-backoff", &self.retry_max_backoff)?,
+            ..RetryPolicy::default()
+        })
+    }
+
+    /// Where `gcp-secret:` references are fetched, with the same credentials as BigQuery.
+    pub fn secret_manager(&self) -> Result<SecretManagerOptions, ConfigError> {
+        let endpoint = self.secret_manager_endpoint.clone().unwrap_or_else(|| DEFAULT_SECRET_MANAGER_ENDPOINT.into());
+        if url::Url::parse(&endpoint).is_err() {
+            return Err(ConfigError::invalid(format!("--secret-manager-endpoint {endpoint}"), "not a URL"));
+        }
+        if endpoint.starts_with("http://") && !is_loopback_url(&endpoint) {
+            return Err(ConfigError::invalid(
+                format!("--secret-manager-endpoint {endpoint}"),
+                "would send credentials in clear text; use https://",
+            ));
+        }
+        let mut auth = self.google_auth();
+        auth.retry = self.retry_policy()?;
+        Ok(SecretManagerOptions { endpoint, auth })
     }
 
     /// Builds the source from `--from` (any scheme) or `--query`/`--query-file`, applying the
@@ -289,33 +344,16 @@ impl BigQueryArgs {
             ArrowCompressionArg::Zstd => BufferCompression::Zstd,
             ArrowCompressionArg::None => BufferCompression::None,
         };
-        if self.read_retries == 0 {
-            return Err(ConfigError::invalid("--read-retries", "must be at least 1"));
-        }
-        o.retry.max_attempts = self.read_retries;
-        o.retry.initial_backoff = parse_duration("retry-initial-backoff", &self.retry_initial_backoff)?;
-        o.retry.max_backoff = parse_duration("retry-max-backoff", &self.retry_max_backoff)?;
-        o.auth.retry = o.retry.clone();
+        o.retry = self.retry_policy()?;
 
         // Credentials.
-        o.auth.source = match (&self.credentials, &self.credentials_base64_env, self.metadata_credentials) {
-            (Some(p), _, _) => CredentialsSource::File(p.clone()),
-            (None, Some(var), _) => CredentialsSource::Base64Env(var.clone()),
-            (None, None, true) => CredentialsSource::MetadataServer,
-            (None, None, false) => CredentialsSource::ApplicationDefault,
-        };
+        o.auth = self.google_auth();
+        o.auth.retry = o.retry.clone();
         let mut scopes = if self.scopes.is_empty() { vec![SCOPE_BIGQUERY.to_string()] } else { self.scopes.clone() };
         if self.drive_scope && !scopes.iter().any(|s| s == SCOPE_DRIVE_READONLY) {
             scopes.push(SCOPE_DRIVE_READONLY.to_string());
         }
         o.auth.scopes = scopes;
-        o.auth.subject = self.impersonate_subject.clone();
-        o.auth.impersonate_service_account = self.impersonate_service_account.clone();
-        o.auth.token_uri = self.token_uri.clone();
-        o.auth.metadata_host = self.metadata_host.clone();
-        if let Some(iam) = &self.iam_endpoint {
-            o.auth.iam_endpoint = iam.clone();
-        }
 
         // Endpoints. The emulator convention sends no credentials; anything else does, and
         // credentials never travel in clear text except to this machine.

@@ -17,8 +17,8 @@ use clap::{Args, ValueEnum};
 
 use super::config::{SftpConfig, Verify};
 use super::hostkey::{self, HostKeyPolicy};
-use super::secret::Secret;
 use crate::error::ConfigError;
+use crate::secret::{Secret, resolve_local};
 use crate::write::SinkConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -196,18 +196,18 @@ impl SftpArgs {
         };
         cfg.password = match (&self.sftp_password_file, &self.sftp_password) {
             (Some(f), _) => Some(read("--sftp-password-file", f)?),
-            (None, Some(p)) => Some(resolve("--sftp-password", p)?),
+            (None, Some(p)) => Some(resolve_local("--sftp-password", p)?),
             (None, None) => None,
         };
         cfg.password = cfg.password.take().filter(|p| !p.is_empty());
         cfg.identity = self.identity.clone();
         cfg.identity_data = match &self.sftp_key_data {
-            Some(k) => Some(resolve("--sftp-key-data", k)?).filter(|k| !k.is_empty()),
+            Some(k) => Some(resolve_local("--sftp-key-data", k)?).filter(|k| !k.is_empty()),
             None => None,
         };
         cfg.passphrase = match (&self.identity_passphrase_file, &self.identity_passphrase) {
             (Some(f), _) => Some(read("--identity-passphrase-file", f)?),
-            (None, Some(p)) => Some(resolve("--identity-passphrase", p)?),
+            (None, Some(p)) => Some(resolve_local("--identity-passphrase", p)?),
             (None, None) => None,
         };
         if let Some(key) = &cfg.identity
@@ -256,22 +256,6 @@ impl SftpArgs {
             VerifyArg::None => Verify::None,
         };
         cfg.validate()
-    }
-}
-
-/// A secret as given, or what its reference points to: `file:PATH` (the file's contents,
-/// one trailing newline dropped) or `env:NAME`.
-pub fn resolve(flag: &str, given: &Secret) -> Result<Secret, ConfigError> {
-    let value = given.expose();
-    if let Some(path) = value.strip_prefix("file:") {
-        Secret::from_file(Path::new(path))
-            .map_err(|e| ConfigError::invalid(format!("{flag} file:{path}"), format!("cannot read it: {e}")))
-    } else if let Some(name) = value.strip_prefix("env:") {
-        std::env::var(name)
-            .map(Secret::new)
-            .map_err(|_| ConfigError::invalid(format!("{flag} env:{name}"), "the variable is not set"))
-    } else {
-        Ok(given.clone())
     }
 }
 

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::hostkey::HostKeyPolicy;
-use super::secret::Secret;
 use crate::error::ConfigError;
+use crate::secret::Secret;
 
 pub const DEFAULT_PORT: u16 = 22;
 /// SSH connections per target. Also the channels one large file is striped over: OpenSSH

@@ -26,7 +26,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::config::{self, SftpConfig};
 use super::hostkey::{self, HostKeyPolicy, Verdict};
 use super::protocol::Session;
-use super::secret::Secret;
+use crate::secret::Secret;
 use crate::write::WriteError;
 
 /// Most bytes one SFTP write may carry on a server that advertises limits@openssh.com: we

@@ -21,13 +21,12 @@ pub mod connect;
 pub mod hostkey;
 pub mod pool;
 pub mod protocol;
-pub mod secret;
 pub mod upload;
 
 use std::sync::Arc;
 
+pub use crate::secret::Secret;
 pub use config::{SftpConfig, Verify};
-pub use secret::Secret;
 
 use super::{PutMode, Sink, TargetOptions, Upload, WriteError};
 use connect::Dialer;
