@@ -427,6 +427,8 @@ async fn finalize_over_sftp_waits_for_every_shard_then_writes_the_manifest() {
             .unwrap()
     };
 
+    // One shard after the other, as an Indexed Job with parallelism 1 runs them: shard 1 must
+    // not take shard 0's committed files for an earlier run's output (it once refused, exit 2).
     ok(shard(0));
     let names = files_in(&remote);
     assert!(names.contains(&"_MANIFEST.shard-0-of-2.json".to_string()), "{names:?}");
