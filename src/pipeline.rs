@@ -535,7 +535,12 @@ async fn refuse_existing(ctx: &Ctx) -> Result<(), Error> {
             .take(64)
             .collect(),
     };
-    names.extend(first_lanes.into_iter().chain([0]).map(|lane| ctx.name(lane, 0)));
+    // Lane 0's first file is also the empty table's header-only file, which only an unsharded
+    // run writes (finalize does it for shards). A shard must not look at it: with shards run
+    // one after another (a Kubernetes Indexed Job with parallelism 1, Cloud Run tasks beyond
+    // its parallelism) shard 0 has already committed it, and every later shard was refused.
+    let empty_table_file = ctx.opts.shard.is_none().then_some(0);
+    names.extend(first_lanes.into_iter().chain(empty_table_file).map(|lane| ctx.name(lane, 0)));
     names.dedup();
     for name in names {
         if ctx.sink.exists(&name).await? {

@@ -1,5 +1,6 @@
 //! The deployment script's dry run: every command it would run, checked for least privilege
-//! and consistency (bash -n and shellcheck run from scripts/test.sh's tools).
+//! and consistency; every shell script in scripts/ and deploy/ passes bash -n and shellcheck
+//! (scripts/test.sh installs shellcheck).
 
 use std::process::Command;
 
@@ -90,9 +91,34 @@ fn missing_parameters_are_refused() {
     assert!(err.contains("--region") && err.contains("--image"), "{err}");
 }
 
+/// Every shell script of the repository: `scripts/*.sh` and `deploy/*.sh` found by listing the
+/// directories (a new script cannot be forgotten here), and CI's entry point.
+fn scripts() -> Vec<String> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut found = vec![".ci/run".to_string()];
+    for dir in ["scripts", "deploy"] {
+        let entries = std::fs::read_dir(format!("{root}/{dir}")).unwrap_or_else(|e| panic!("{dir}/: {e}"));
+        for entry in entries {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if name.ends_with(".sh") {
+                found.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
 #[test]
 fn the_scripts_pass_bash_n_and_shellcheck() {
-    for script in ["deploy/gcp.sh", "scripts/test.sh", "scripts/bench.sh", ".ci/run"] {
+    let scripts = scripts();
+    // The listing works: the scripts the README and BENCHMARKS.md name are all in it.
+    for named in
+        ["deploy/gcp.sh", "scripts/test.sh", "scripts/bench.sh", "scripts/bench-sftp.sh", "scripts/bench-read.sh"]
+    {
+        assert!(scripts.iter().any(|s| s == named), "{named} is not checked: {scripts:?}");
+    }
+    for script in &scripts {
         let path = format!("{}/{script}", env!("CARGO_MANIFEST_DIR"));
         let out = Command::new("bash").args(["-n", &path]).output().unwrap();
         assert!(out.status.success(), "bash -n {script}: {}", String::from_utf8_lossy(&out.stderr));
