@@ -139,6 +139,9 @@ pub async fn finalize(
     opts: &PipelineOptions,
     shard_count: usize,
 ) -> Result<Manifest, Error> {
+    // A wrong or missing target directory would otherwise read as "shards not finished"
+    // (exit 6), which a scheduler retries forever.
+    sink.check().await?;
     let manifest_name = opts.manifest_name.as_deref().unwrap_or(crate::manifest::DEFAULT_MANIFEST_NAME);
     let put_mode = opts.put_mode;
     let mut files: Vec<FileRecord> = Vec::new();

@@ -116,6 +116,17 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
     assert!(err.contains("3/4") && err.contains("have not finished"), "{err}");
     assert!(!out.join("_MANIFEST.json").exists() && !out.join("_SUCCESS").exists());
 
+    // A wrong target directory is a target failure (5), not "shards still running" (6), which
+    // a scheduler would retry forever.
+    let wrong = format!("dir://{}", out.join("no-such-dir").display());
+    let refused = cmd(home.path(), &host)
+        .args(["finalize", "--plan", plan_arg, "--shard-count", "4", "--to", &wrong])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(5), "{err}");
+    assert!(err.contains("no-such-dir") && err.contains("does not exist"), "{err}");
+
     ok(cmd(home.path(), &host)
         .args(["export", "--plan", plan_arg, "--shard", "3/4", "--resume", "--state-file", state(3).to_str().unwrap()])
         .output()
