@@ -79,6 +79,9 @@ enum Command {
     Emulator(bq2sftp::emulator::EmulatorArgs),
     /// Upload local files as they are, with the same publishing and resume rules as export.
     Put(Box<PutArgs>),
+    /// Check everything an export needs (credentials, BigQuery, the SFTP server or directory)
+    /// and print a checklist with the fix for each failure: `bq2sftp doctor [JOB.toml] [FLAGS]`.
+    Doctor(bq2sftp::doctor::DoctorArgs),
 }
 
 #[derive(clap::Args)]
@@ -132,6 +135,10 @@ fn main() -> ExitCode {
         }
     };
     let format = cli.log_format;
+    // The doctor reports on stdout and exits with its own code, not through an error.
+    if let Command::Doctor(args) = &cli.command {
+        return ExitCode::from(runtime.block_on(bq2sftp::doctor::main(args)));
+    }
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Export(args) => match with_plan_flags(&args, "export") {
@@ -151,6 +158,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo(&args, format).await,
             Command::Emulator(args) => emulator(&args).await,
             Command::Put(args) => put(&args).await,
+            Command::Doctor(_) => Ok(()),
         }
     });
     match result {

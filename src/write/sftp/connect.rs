@@ -64,8 +64,7 @@ pub struct Client {
     policy: HostKeyPolicy,
     host: String,
     port: u16,
-    verdict: Arc<Mutex<Option<Verdict>>>,
-    /// What the handshake showed, for `bq2sftp doctor`.
+    /// What the handshake showed: the verdict, and for `bq2sftp doctor` the rest.
     seen: Arc<Mutex<Seen>>,
 }
 
@@ -117,8 +116,7 @@ impl russh::client::Handler for Client {
             }
         };
         let trusted = verdict == Verdict::Trusted;
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).verdict = Some(verdict.clone());
-        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).verdict = Some(verdict);
         Ok(trusted)
     }
 
@@ -303,12 +301,12 @@ impl Dialer {
         // future) closes the socket, so no half-open session lingers in the background.
         let kill_on_failure = kill.clone().drop_guard();
 
-        let (client, verdict, _) = self.client();
+        let (client, seen) = self.client();
         let ssh_config = Arc::new(self.ssh_config());
         let mut ssh = match russh::client::connect_stream(ssh_config, stream, client).await {
             Ok(h) => h,
             Err(e) => {
-                let verdict = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let verdict = seen.lock().unwrap_or_else(|p| p.into_inner()).verdict.take();
                 return Err(self.handshake_failure(verdict, e));
             }
         };
@@ -338,17 +336,15 @@ impl Dialer {
     }
 
     /// The host key checker for one connection, with where it records what it saw.
-    fn client(&self) -> (Client, Arc<Mutex<Option<Verdict>>>, Arc<Mutex<Seen>>) {
-        let verdict = Arc::new(Mutex::new(None));
+    fn client(&self) -> (Client, Arc<Mutex<Seen>>) {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let client = Client {
             policy: self.cfg.host_keys.clone(),
             host: self.cfg.host.clone(),
             port: self.cfg.port(),
-            verdict: verdict.clone(),
             seen: seen.clone(),
         };
-        (client, verdict, seen)
+        (client, seen)
     }
 
     /// Sorts a failed handshake: a refused host key or no common algorithm is final, anything
@@ -385,15 +381,14 @@ impl Dialer {
         let _ = socket.set_nodelay(true);
         let kill = CancellationToken::new();
         let stream = Killable::new(socket, kill.clone());
-        let (client, verdict, seen) = self.client();
+        let (client, seen) = self.client();
         let connected = russh::client::connect_stream(Arc::new(self.ssh_config()), stream, client).await;
         let shown = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let result = match connected {
             Ok(ssh) => Ok(Handshake { ssh, kill }),
             Err(e) => {
                 kill.cancel();
-                let verdict = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
-                Err(self.failure_error(self.handshake_failure(verdict, e)))
+                Err(self.failure_error(self.handshake_failure(shown.verdict.clone(), e)))
             }
         };
         (result, shown)
