@@ -33,6 +33,9 @@ Examples:
   bq2sftp emulator --tables ./tables --port 9050 &
   BIGQUERY_EMULATOR_HOST=127.0.0.1:9050 bq2sftp export --from bq://p.d.t --to dir://out
 
+  # Check credentials, BigQuery and the SFTP server of a job before its first run
+  bq2sftp doctor nightly.toml
+
   # Measure encoding throughput without writing anything
   bq2sftp export --from 'synthetic://?rows=10M&streams=4&flat=true' --to null: --compression gzip
 
