@@ -354,3 +354,27 @@ async fn a_closed_port_fails_at_tcp_and_skips_the_handshake() {
     d.assert_line("sftp: authentication", "[skip]", &["needs sftp: TCP connect"]);
     assert!(!d.stdout.contains("irrelevant"));
 }
+
+#[tokio::test]
+async fn query_mode_is_checked_with_a_dry_run() {
+    let dir = tables();
+    let emu = start_emulator(dir.path(), |_| {}).await;
+    let out = tempfile::tempdir().unwrap();
+    let to = format!("dir://{}", out.path().display());
+    let host = emu.host_port();
+    let run = |sql: &'static str| {
+        let (to, host) = (to.clone(), host.clone());
+        async move { doctor(&["--query", sql, "--project", "p", "--to", &to, "--emulator", &host, "--no-state"], &[]).await }
+    };
+    let d = run("SELECT * FROM p.d.t").await;
+    assert_eq!(d.code, Some(0), "{}\n{}", d.stdout, d.stderr);
+    d.assert_line("bigquery: reachable", "[ ok ]", &["REST API"]);
+    d.assert_line("bigquery: query (dry run)", "[ ok ]", &["the query is valid", "nothing was run or billed"]);
+    d.assert_line("bigquery: read session", "[skip]", &["query mode"]);
+
+    let d = run("SELECT * FROM p.d.missing").await;
+    // A table the query names is missing: a source failure, as the export would exit.
+    assert_eq!(d.code, Some(4), "{}\n{}", d.stdout, d.stderr);
+    d.assert_line("bigquery: query (dry run)", "[FAIL]", &["p:d.missing was not found", "fix: correct the SQL"]);
+    emu.shutdown().await;
+}
