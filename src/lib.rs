@@ -20,6 +20,7 @@
 //! ```
 
 pub mod cli;
+pub mod doctor;
 pub mod emulator;
 pub mod encode;
 pub mod error;

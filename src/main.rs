@@ -33,6 +33,9 @@ Examples:
   bq2sftp emulator --tables ./tables --port 9050 &
   BIGQUERY_EMULATOR_HOST=127.0.0.1:9050 bq2sftp export --from bq://p.d.t --to dir://out
 
+  # Check credentials, BigQuery and the SFTP server of a job before its first run
+  bq2sftp doctor nightly.toml
+
   # Measure encoding throughput without writing anything
   bq2sftp export --from 'synthetic://?rows=10M&streams=4&flat=true' --to null: --compression gzip
 
@@ -79,6 +82,9 @@ enum Command {
     Emulator(bq2sftp::emulator::EmulatorArgs),
     /// Upload local files as they are, with the same publishing and resume rules as export.
     Put(Box<PutArgs>),
+    /// Check everything an export needs (credentials, BigQuery, the SFTP server or directory)
+    /// and print a checklist with the fix for each failure: `bq2sftp doctor [JOB.toml] [FLAGS]`.
+    Doctor(bq2sftp::doctor::DoctorArgs),
 }
 
 #[derive(clap::Args)]
@@ -132,6 +138,10 @@ fn main() -> ExitCode {
         }
     };
     let format = cli.log_format;
+    // The doctor reports on stdout and exits with its own code, not through an error.
+    if let Command::Doctor(args) = &cli.command {
+        return ExitCode::from(runtime.block_on(bq2sftp::doctor::main(args)));
+    }
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Export(args) => match with_plan_flags(&args, "export") {
@@ -151,6 +161,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo(&args, format).await,
             Command::Emulator(args) => emulator(&args).await,
             Command::Put(args) => put(&args).await,
+            Command::Doctor(_) => Ok(()),
         }
     });
     match result {

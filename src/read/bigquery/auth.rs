@@ -152,6 +152,17 @@ struct KeyJson {
     refresh_token: Option<String>,
 }
 
+/// Which credentials were found and where, for `bq2sftp doctor`. Never holds key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialsInfo {
+    /// `service-account key`, `gcloud user credentials`, `metadata server`.
+    pub kind: &'static str,
+    /// Where they came from: a flag, a variable, a file, the metadata server.
+    pub origin: String,
+    /// The service account's e-mail, when the credentials say.
+    pub account: Option<String>,
+}
+
 /// Looks up environment variables; injectable so tests never touch the process environment.
 pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -249,6 +260,48 @@ impl TokenProvider {
         }
     }
 
+    pub fn options(&self) -> &AuthOptions {
+        &self.options
+    }
+
+    /// Finds the credentials (as the first token request would) and says what and where
+    /// they are. Reads files and variables only; no network.
+    pub async fn describe(&self) -> Result<CredentialsInfo, AuthError> {
+        let origin = match &self.options.source {
+            CredentialsSource::File(p) => format!("--credentials {}", p.display()),
+            CredentialsSource::Base64Env(var) => format!("environment variable {var} (--credentials-base64-env)"),
+            CredentialsSource::MetadataServer => {
+                format!("the metadata server at {} (--metadata-credentials)", self.metadata_base())
+            }
+            CredentialsSource::None => "none (emulator)".to_string(),
+            CredentialsSource::ApplicationDefault => match (self.env)("GOOGLE_APPLICATION_CREDENTIALS") {
+                Some(p) => format!("GOOGLE_APPLICATION_CREDENTIALS={p} (Application Default Credentials)"),
+                None => match self.well_known_file().filter(|p| p.is_file()) {
+                    Some(p) => format!("gcloud's {} (Application Default Credentials)", p.display()),
+                    None => format!(
+                        "the metadata server at {} (Application Default Credentials: no GOOGLE_APPLICATION_CREDENTIALS, no gcloud credentials file)",
+                        self.metadata_base()
+                    ),
+                },
+            },
+        };
+        let (kind, account) = match self.credentials().await? {
+            Credentials::ServiceAccount(k) => ("service-account key", Some(k.client_email.clone())),
+            Credentials::AuthorizedUser { .. } => ("gcloud user credentials (authorized_user)", None),
+            Credentials::Metadata { .. } => ("metadata server", None),
+        };
+        Ok(CredentialsInfo { kind, origin, account })
+    }
+
+    /// gcloud's `application_default_credentials.json` (whether or not it exists).
+    fn well_known_file(&self) -> Option<PathBuf> {
+        match (self.env)("CLOUDSDK_CONFIG") {
+            Some(dir) => Some(PathBuf::from(dir)),
+            None => (self.env)("HOME").map(|h| PathBuf::from(h).join(".config/gcloud")),
+        }
+        .map(|d| d.join("application_default_credentials.json"))
+    }
+
     async fn credentials(&self) -> Result<&Credentials, AuthError> {
         self.credentials.get_or_try_init(|| async { self.resolve() }).await
     }
@@ -287,12 +340,7 @@ impl TokenProvider {
                 if let Some(path) = (self.env)("GOOGLE_APPLICATION_CREDENTIALS") {
                     return parse_key_file(&PathBuf::from(path), &self.options);
                 }
-                let well_known = match (self.env)("CLOUDSDK_CONFIG") {
-                    Some(dir) => Some(PathBuf::from(dir)),
-                    None => (self.env)("HOME").map(|h| PathBuf::from(h).join(".config/gcloud")),
-                }
-                .map(|d| d.join("application_default_credentials.json"));
-                if let Some(path) = &well_known
+                if let Some(path) = &self.well_known_file()
                     && path.is_file()
                 {
                     return parse_key_file(path, &self.options);

@@ -60,11 +60,40 @@ enum Failure {
 }
 
 /// Checks the host key for russh and remembers the verdict, so a refused handshake can say why.
-struct Client {
+pub struct Client {
     policy: HostKeyPolicy,
     host: String,
     port: u16,
-    verdict: Arc<Mutex<Option<Verdict>>>,
+    /// What the handshake showed: the verdict, and for `bq2sftp doctor` the rest.
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// What one SSH handshake showed: the server's host key and the algorithms agreed on.
+/// Filled in as the handshake goes, so a refused handshake still tells what it saw.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    /// The host key's algorithm (`ssh-ed25519`) and `SHA256:` fingerprint.
+    pub host_key: Option<(String, String)>,
+    /// The host key check's outcome.
+    pub verdict: Option<Verdict>,
+    /// Known only once the key exchange finished, i.e. after the host key was accepted.
+    pub negotiated: Option<Negotiated>,
+}
+
+/// The algorithms a key exchange settled on (RFC 4253 section 7.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub kex: String,
+    pub host_key: String,
+    pub cipher: String,
+    /// Client-to-server MAC; AEAD ciphers (GCM, chacha20-poly1305) bring their own.
+    pub mac: String,
+}
+
+impl std::fmt::Display for Negotiated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "kex {}, host key {}, cipher {}, mac {}", self.kex, self.host_key, self.cipher, self.mac)
+    }
 }
 
 impl russh::client::Handler for Client {
@@ -73,6 +102,8 @@ impl russh::client::Handler for Client {
     async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         let verdict = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => {
+                self.seen.lock().unwrap_or_else(|p| p.into_inner()).host_key =
+                    Some((key.algorithm().to_string(), hostkey::fingerprint(key)));
                 let v = self.policy.check(&self.host, self.port, key);
                 if v == Verdict::Trusted {
                     tracing::debug!(host = %self.host, key = %hostkey::fingerprint(key), "host key accepted");
@@ -85,14 +116,49 @@ impl russh::client::Handler for Client {
             }
         };
         let trusted = verdict == Verdict::Trusted;
-        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).verdict = Some(verdict);
         Ok(trusted)
+    }
+
+    async fn kex_done(
+        &mut self,
+        _: Option<&[u8]>,
+        names: &russh::Names,
+        _: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // The first exchange is the one to report; later ones are rekeys with the same lists.
+        if seen.negotiated.is_none() {
+            let mac = if names.cipher == russh::cipher::AES_128_GCM
+                || names.cipher == russh::cipher::AES_256_GCM
+                || names.cipher == russh::cipher::CHACHA20_POLY1305
+            {
+                "implicit (AEAD cipher)".to_string()
+            } else {
+                names.client_mac.as_ref().to_string()
+            };
+            seen.negotiated = Some(Negotiated {
+                kex: names.kex.as_ref().to_string(),
+                host_key: names.key.to_string(),
+                cipher: names.cipher.as_ref().to_string(),
+                mac,
+            });
+        }
+        Ok(())
     }
 
     async fn auth_banner(&mut self, banner: &str, _: &mut russh::client::Session) -> Result<(), Self::Error> {
         tracing::info!(host = %self.host, "server banner: {}", banner.trim_end());
         Ok(())
     }
+}
+
+/// An SSH connection past its handshake, not yet authenticated: `bq2sftp doctor` takes a
+/// connection one step at a time ([`Dialer::handshake`], [`Dialer::login`],
+/// [`Dialer::open_sftp`]) to say which step fails.
+pub struct Handshake {
+    ssh: Handle<Client>,
+    kill: CancellationToken,
 }
 
 /// One open SSH connection with its SFTP session.
@@ -235,36 +301,13 @@ impl Dialer {
         // future) closes the socket, so no half-open session lingers in the background.
         let kill_on_failure = kill.clone().drop_guard();
 
-        let verdict = Arc::new(Mutex::new(None));
-        let client = Client { policy: cfg.host_keys.clone(), host: host.to_string(), port, verdict: verdict.clone() };
+        let (client, seen) = self.client();
         let ssh_config = Arc::new(self.ssh_config());
         let mut ssh = match russh::client::connect_stream(ssh_config, stream, client).await {
             Ok(h) => h,
             Err(e) => {
-                let verdict = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
-                return Err(match (verdict, e) {
-                    (Some(v), _) if v != Verdict::Trusted => Failure::Fatal(WriteError::HostKey {
-                        target: self.target(),
-                        message: hostkey::explain(&v, host, port),
-                    }),
-                    (_, russh::Error::NoCommonAlgo { kind, ours, theirs }) => {
-                        let (kind, flag) = match kind {
-                            russh::AlgorithmKind::Kex => ("key exchange", "--kex"),
-                            russh::AlgorithmKind::Key => ("host key", "--known-hosts or --host-key-fingerprint"),
-                            russh::AlgorithmKind::Cipher => ("cipher", "--ciphers"),
-                            russh::AlgorithmKind::Mac => ("MAC", "--macs"),
-                            russh::AlgorithmKind::Compression => ("compression", "no flag; report this"),
-                        };
-                        Failure::Fatal(WriteError::Negotiation {
-                            target: self.target(),
-                            kind,
-                            ours: ours.join(","),
-                            theirs: theirs.join(","),
-                            flag,
-                        })
-                    }
-                    (_, e) => Failure::Retry(format!("SSH handshake with {host}:{port} failed: {e}")),
-                });
+                let verdict = seen.lock().unwrap_or_else(|p| p.into_inner()).verdict.take();
+                return Err(self.handshake_failure(verdict, e));
             }
         };
         if cfg.host_keys == HostKeyPolicy::AcceptAny {
@@ -290,6 +333,95 @@ impl Dialer {
             tokio::spawn(watchdog(Arc::downgrade(&conn), timeout));
         }
         Ok(conn)
+    }
+
+    /// The host key checker for one connection, with where it records what it saw.
+    fn client(&self) -> (Client, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let client = Client {
+            policy: self.cfg.host_keys.clone(),
+            host: self.cfg.host.clone(),
+            port: self.cfg.port(),
+            seen: seen.clone(),
+        };
+        (client, seen)
+    }
+
+    /// Sorts a failed handshake: a refused host key or no common algorithm is final, anything
+    /// else (a disconnect, a reset) is worth another attempt.
+    fn handshake_failure(&self, verdict: Option<Verdict>, e: russh::Error) -> Failure {
+        let (host, port) = (self.cfg.host.as_str(), self.cfg.port());
+        match (verdict, e) {
+            (Some(v), _) if v != Verdict::Trusted => {
+                Failure::Fatal(WriteError::HostKey { target: self.target(), message: hostkey::explain(&v, host, port) })
+            }
+            (_, russh::Error::NoCommonAlgo { kind, ours, theirs }) => {
+                let (kind, flag) = match kind {
+                    russh::AlgorithmKind::Kex => ("key exchange", "--kex"),
+                    russh::AlgorithmKind::Key => ("host key", "--known-hosts or --host-key-fingerprint"),
+                    russh::AlgorithmKind::Cipher => ("cipher", "--ciphers"),
+                    russh::AlgorithmKind::Mac => ("MAC", "--macs"),
+                    russh::AlgorithmKind::Compression => ("compression", "no flag; report this"),
+                };
+                Failure::Fatal(WriteError::Negotiation {
+                    target: self.target(),
+                    kind,
+                    ours: ours.join(","),
+                    theirs: theirs.join(","),
+                    flag,
+                })
+            }
+            (_, e) => Failure::Retry(format!("SSH handshake with {host}:{port} failed: {e}")),
+        }
+    }
+
+    /// `bq2sftp doctor`'s first SSH step: the handshake over an open `socket`, host key check
+    /// included, one attempt. Returns what the handshake showed whether or not it succeeded.
+    pub async fn handshake(&self, socket: tokio::net::TcpStream) -> (Result<Handshake, WriteError>, Seen) {
+        let _ = socket.set_nodelay(true);
+        let kill = CancellationToken::new();
+        let stream = Killable::new(socket, kill.clone());
+        let (client, seen) = self.client();
+        let connected = russh::client::connect_stream(Arc::new(self.ssh_config()), stream, client).await;
+        let shown = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = match connected {
+            Ok(ssh) => Ok(Handshake { ssh, kill }),
+            Err(e) => {
+                kill.cancel();
+                Err(self.failure_error(self.handshake_failure(shown.verdict.clone(), e)))
+            }
+        };
+        (result, shown)
+    }
+
+    /// Authenticates a [`Dialer::handshake`] as [`Dialer::connect`] does; returns the method
+    /// that worked (`publickey KEY (SHA256:...)`, `password`, ...).
+    pub async fn login(&self, handshake: &mut Handshake) -> Result<String, WriteError> {
+        self.authenticate(&mut handshake.ssh).await.map_err(|f| self.failure_error(f))
+    }
+
+    /// Starts the SFTP subsystem on a logged-in [`Handshake`]: the connection export would use.
+    pub async fn open_sftp(&self, handshake: Handshake) -> Result<Conn, WriteError> {
+        let Handshake { ssh, kill } = handshake;
+        let opened = async {
+            let channel = ssh.channel_open_session().await.map_err(|e| format!("cannot open a channel: {e}"))?;
+            Session::start(channel).await
+        }
+        .await;
+        let sftp = opened.map_err(|message| {
+            kill.cancel();
+            WriteError::Other { target: self.target(), message }
+        })?;
+        let write_len = write_len(self.cfg.write_size, sftp.limits.map(|l| l.max_write));
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Conn { sftp, ssh, kill, serial, write_len })
+    }
+
+    fn failure_error(&self, failure: Failure) -> WriteError {
+        match failure {
+            Failure::Fatal(e) => e,
+            Failure::Retry(message) => WriteError::Connect { target: self.target(), attempts: 1, message },
+        }
     }
 
     fn ssh_config(&self) -> russh::client::Config {
@@ -333,7 +465,7 @@ impl Dialer {
 
     /// Tries, in order: the private key, the agent's keys, the password, and
     /// keyboard-interactive with the password (servers that only offer that for passwords).
-    async fn authenticate(&self, ssh: &mut Handle<Client>) -> Result<(), Failure> {
+    async fn authenticate(&self, ssh: &mut Handle<Client>) -> Result<String, Failure> {
         let cfg = &self.cfg;
         let user = cfg.user.as_str();
         let lost = |e: russh::Error| Failure::Retry(format!("connection lost during authentication: {e}"));
@@ -352,14 +484,15 @@ impl Dialer {
             } else {
                 vec![None]
             };
+            let method = format!("publickey {} ({})", self.key_source(), hostkey::fingerprint(key.public_key()));
             for hash in hashes {
                 let with_hash = PrivateKeyWithHashAlg::new(key.clone(), hash);
                 match ssh.authenticate_publickey(user, with_hash).await.map_err(lost)? {
-                    AuthResult::Success => return Ok(()),
+                    AuthResult::Success => return Ok(method),
                     AuthResult::Failure { remaining_methods, .. } => offered = Some(remaining_methods.to_vec()),
                 }
             }
-            tried.push(format!("publickey {} ({})", self.key_source(), hostkey::fingerprint(key.public_key())));
+            tried.push(method);
         }
 
         if cfg.use_agent && allows(&offered, MethodKind::PublicKey) {
@@ -377,7 +510,7 @@ impl Dialer {
                         };
                         let fp = hostkey::fingerprint(&key);
                         match ssh.authenticate_publickey_with(user, key, hash, &mut agent).await {
-                            Ok(AuthResult::Success) => return Ok(()),
+                            Ok(AuthResult::Success) => return Ok(format!("ssh-agent key {fp}")),
                             Ok(AuthResult::Failure { remaining_methods, .. }) => {
                                 offered = Some(remaining_methods.to_vec());
                                 tried.push(format!("agent key {fp}"));
@@ -392,14 +525,14 @@ impl Dialer {
         if let Some(password) = &cfg.password {
             if allows(&offered, MethodKind::Password) {
                 match ssh.authenticate_password(user, password.expose()).await.map_err(lost)? {
-                    AuthResult::Success => return Ok(()),
+                    AuthResult::Success => return Ok("password".into()),
                     AuthResult::Failure { remaining_methods, .. } => offered = Some(remaining_methods.to_vec()),
                 }
                 tried.push("password".into());
             }
             if allows(&offered, MethodKind::KeyboardInteractive) {
                 if keyboard_interactive(ssh, user, password.expose()).await.map_err(lost)? {
-                    return Ok(());
+                    return Ok("keyboard-interactive (password)".into());
                 }
                 tried.push("keyboard-interactive (password)".into());
             }

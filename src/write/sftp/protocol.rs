@@ -71,6 +71,9 @@ pub mod ext {
     pub const LIMITS: &str = "limits@openssh.com";
     /// `string handle`: fsync(2) on the open file.
     pub const FSYNC: &str = "fsync@openssh.com";
+    /// `string path`; replies statvfs(3) of the file system holding it as eleven uint64
+    /// (see [`super::StatVfs`]). `bq2sftp doctor` shows the free space with it.
+    pub const STATVFS: &str = "statvfs@openssh.com";
 }
 
 /// Status codes (draft-02 section 7 defines 0..=8; later drafts, which some servers answer
@@ -277,6 +280,64 @@ pub struct Limits {
     pub max_read: u64,
     pub max_write: u64,
     pub max_handles: u64,
+}
+
+/// statvfs@openssh.com's reply (OpenSSH PROTOCOL, "statvfs@openssh.com and
+/// fstatvfs@openssh.com"): the fields of statvfs(3), each a uint64, in this order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatVfs {
+    pub bsize: u64,
+    pub frsize: u64,
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub favail: u64,
+    pub fsid: u64,
+    pub flag: u64,
+    pub namemax: u64,
+}
+
+impl StatVfs {
+    /// `f_flag` bit for a read-only file system (OpenSSH's SSH2_FXE_STATVFS_ST_RDONLY).
+    pub const READ_ONLY: u64 = 0x1;
+
+    /// statvfs(3) counts blocks in units of `f_frsize`; some servers leave it 0, so `f_bsize`
+    /// stands in (as `df` does).
+    fn unit(&self) -> u64 {
+        if self.frsize != 0 { self.frsize } else { self.bsize }
+    }
+
+    /// Bytes an unprivileged user may still write (`f_bavail`, not `f_bfree`, which
+    /// includes the blocks reserved for root).
+    pub fn available_bytes(&self) -> u64 {
+        self.bavail.saturating_mul(self.unit())
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.saturating_mul(self.unit())
+    }
+
+    fn parse(mut data: Bytes) -> Result<Self, String> {
+        if data.len() < 11 * 8 {
+            return Err(format!("a statvfs reply of {} bytes (88 expected)", data.len()));
+        }
+        let mut next = || data.get_u64();
+        Ok(StatVfs {
+            bsize: next(),
+            frsize: next(),
+            blocks: next(),
+            bfree: next(),
+            bavail: next(),
+            files: next(),
+            ffree: next(),
+            favail: next(),
+            fsid: next(),
+            flag: next(),
+            namemax: next(),
+        })
+    }
 }
 
 /// Replies larger than this are refused: an uploader only gets small replies, and a bogus
@@ -522,6 +583,15 @@ impl Session {
 
     pub async fn fsync(&self, handle: &Bytes) -> Result<(), CallError> {
         self.call_status(Request::new(fxp::EXTENDED).string(ext::FSYNC).string(handle)).await
+    }
+
+    /// statvfs@openssh.com on `path`; only servers that list the extension answer it.
+    pub async fn statvfs(&self, path: &str) -> Result<StatVfs, CallError> {
+        match self.call(Request::new(fxp::EXTENDED).string(ext::STATVFS).string(path)).await? {
+            Reply::Extended(data) => StatVfs::parse(data).map_err(CallError::Protocol),
+            Reply::Status(s) => Err(CallError::Status(s)),
+            other => Err(CallError::Protocol(format!("expected an extended reply, got {}", reply_kind(&other)))),
+        }
     }
 
     pub async fn realpath(&self, path: &str) -> Result<String, CallError> {
@@ -819,6 +889,21 @@ mod tests {
         assert!(buf.is_empty());
         let mut bogus = BytesMut::from(&b"SSH-2.0-x\r\n"[..]);
         assert!(take_packet(&mut bogus).is_err());
+    }
+
+    #[test]
+    fn statvfs_reply_fields_in_order() {
+        let mut p = BytesMut::new();
+        for v in [4096u64, 1024, 1000, 600, 500, 64, 32, 30, 7, StatVfs::READ_ONLY, 255] {
+            p.put_u64(v);
+        }
+        let s = StatVfs::parse(p.freeze()).unwrap();
+        assert_eq!((s.bsize, s.frsize, s.blocks, s.bavail, s.namemax), (4096, 1024, 1000, 500, 255));
+        assert_eq!((s.available_bytes(), s.total_bytes()), (500 * 1024, 1000 * 1024));
+        assert_eq!(s.flag & StatVfs::READ_ONLY, 1);
+        let no_frsize = StatVfs { bsize: 512, bavail: 2, ..Default::default() };
+        assert_eq!(no_frsize.available_bytes(), 1024);
+        assert!(StatVfs::parse(Bytes::from_static(&[0; 80])).is_err());
     }
 
     #[test]
