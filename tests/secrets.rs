@@ -283,6 +283,7 @@ async fn secret_manager_failures_are_clear_and_never_show_the_value() {
         HashMap::from([
             (version("corrupt", "latest"), Stored::Corrupt("corrupt-value-5e2a".into())),
             (version("forbidden", "latest"), Stored::Forbidden),
+            (version("fine", "latest"), Stored::Value("fine-value-0b3c".into())),
         ]),
         move |t| issued.lock().unwrap().iter().any(|i| i == t),
     )
@@ -336,4 +337,41 @@ async fn secret_manager_failures_are_clear_and_never_show_the_value() {
     let err = text(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("cannot get Google credentials") && err.contains("GOOGLE_APPLICATION_CREDENTIALS"), "{err}");
+
+    // doctor reads the references too, and says which one fails and how to fix it.
+    let doctor = |reference: &'static str| {
+        let key_file = g.key_file.clone();
+        let endpoint = sm.endpoint.clone();
+        async move {
+            let args = [
+                "doctor",
+                "--from",
+                "synthetic://?rows=10",
+                "--to",
+                "sftp://someone@127.0.0.1:9/out",
+                "--credentials",
+                &key_file,
+                "--secret-manager-endpoint",
+                &endpoint,
+                "--sftp-password",
+                reference,
+                "--insecure-accept-any-host-key",
+            ];
+            run_bin(&args, &[]).await
+        }
+    };
+    let out = doctor("gcp-secret:projects/p/secrets/forbidden").await;
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    assert!(
+        report.contains("[FAIL] secrets: permission denied reading secret projects/p/secrets/forbidden"),
+        "{report}"
+    );
+    assert!(report.contains("[skip] target"), "{report}");
+    let out = doctor("gcp-secret:projects/p/secrets/fine").await;
+    let report = text(&out);
+    assert!(report.contains("[ ok ] secrets: read from Secret Manager: projects/p/secrets/fine"), "{report}");
+    assert!(!report.contains("fine-value-0b3c"), "{report}");
+    // Port 9 is closed: the SFTP checks run with the secret and fail at TCP.
+    assert_eq!(out.status.code(), Some(5), "{report}");
 }

@@ -218,12 +218,49 @@ pub async fn run(args: &ExportArgs, on_check: impl FnMut(&Check) + Send + 'stati
         list.skip("target", "--dry-run writes nothing (BQ2SFTP_TEST_MODE)");
         return list;
     }
-    match &job.target {
+    let target = match secrets(&job, &mut list).await {
+        Some(target) => target,
+        None => return list,
+    };
+    match &target {
         SinkConfig::Sftp(cfg) => sftp::check(cfg, &job.target_options, &mut list).await,
         SinkConfig::Dir(d) => local_dir(&d.path, &job.target_options, &mut list),
         SinkConfig::Null => list.skip("target", "null: discards everything; nothing to check"),
     }
     list
+}
+
+/// Fetches the target's `gcp-secret:` references (a line only when there are any); `None`
+/// when one cannot be read, after failing the check and skipping the target's.
+async fn secrets(job: &crate::Job, list: &mut Checklist) -> Option<SinkConfig> {
+    let SinkConfig::Sftp(cfg) = &job.target else { return Some(job.target.clone()) };
+    let references: Vec<&str> = [&cfg.password, &cfg.identity_data, &cfg.passphrase]
+        .into_iter()
+        .filter_map(|s| s.as_ref().and_then(|s| s.gcp_reference()))
+        .collect();
+    if references.is_empty() {
+        return Some(job.target.clone());
+    }
+    let shown = references.join(", ");
+    match job.target.with_secrets(&job.secret_manager).await {
+        Ok(target) => {
+            list.ok("secrets", format!("read from Secret Manager: {shown}"));
+            Some(target)
+        }
+        Err(e) => {
+            let detail = e.to_string();
+            let code = crate::Error::from(e).exit_code();
+            list.fail(
+                "secrets",
+                detail,
+                "make the secret readable by the job's account (roles/secretmanager.secretAccessor), \
+                 correct its name, or pass the value another way (env:NAME, file:PATH)",
+                code,
+            );
+            list.skip("target", "needs its secrets");
+            None
+        }
+    }
 }
 
 fn config_failure(list: &mut Checklist, e: &ConfigError) {
