@@ -83,6 +83,7 @@ impl Error {
             Error::Write(_) => exit::TARGET,
             Error::State(_) => exit::USAGE,
             Error::Secret(e) if e.is_usage() => exit::USAGE,
+            Error::Secret(e) if e.is_transient() => exit::RESUMABLE,
             Error::Secret(_) => exit::AUTH,
             Error::Interrupted(_) => exit::RESUMABLE,
             Error::Internal(_) => exit::INTERNAL,

@@ -55,13 +55,9 @@ pub fn from_table(
     let mut from_file = Vec::new();
     for (key, value) in table {
         let long = key.replace('_', "-");
-        let arg = command
-            .get_arguments()
-            .filter(|a| !a.is_hide_set())
-            .find(|a| a.get_long() == Some(long.as_str()))
-            .ok_or_else(|| {
-                ConfigError::invalid(what, format!("unknown key '{key}'; keys are the export flags without dashes"))
-            })?;
+        let arg = export_flags(&command).find(|a| a.get_long() == Some(long.as_str())).ok_or_else(|| {
+            ConfigError::invalid(what, format!("unknown key '{key}'; keys are the export flags without dashes"))
+        })?;
         if given_on_command_line(overrides, &long) {
             continue;
         }
@@ -121,20 +117,24 @@ fn clap_message(e: &clap::Error) -> String {
     lines.join(" ").trim_start_matches("error: ").to_string()
 }
 
-/// Flags whose values are secrets: masked by `--print-config`.
-pub fn is_secret(id: &str) -> bool {
-    ["password", "passphrase", "secret", "token", "key_data", "key-data"].iter().any(|s| id.contains(s))
+/// Flags whose values are secrets (masked by `--print-config`, never recorded in a plan): the
+/// ones declared with `hide_env_values`, so a new secret flag is covered by its declaration.
+pub fn is_secret(arg: &clap::Arg) -> bool {
+    arg.is_hide_env_values_set()
+}
+
+/// The export flags a user may set: without the binary's global flags, which
+/// [`export_command`] accepts only so that command lines parse.
+pub fn export_flags(command: &Command) -> impl Iterator<Item = &clap::Arg> {
+    command.get_arguments().filter(|a| !a.is_hide_set())
 }
 
 /// The effective configuration, one `key = value  # source` line per option, secrets masked.
 pub fn describe(matches: &ArgMatches, from_file: &[String]) -> String {
     let command = export_command();
     let mut lines = BTreeMap::new();
-    for arg in command.get_arguments() {
+    for arg in export_flags(&command) {
         let id = arg.get_id().as_str();
-        if id == GLOBAL_VERBOSE || id == GLOBAL_LOG_FORMAT {
-            continue;
-        }
         let Some(long) = arg.get_long() else { continue };
         let Some(source) = matches.value_source(id) else { continue };
         let values: Vec<String> = match matches.get_raw(id) {
@@ -143,7 +143,7 @@ pub fn describe(matches: &ArgMatches, from_file: &[String]) -> String {
         };
         // A reference (env:, file:, gcp-secret:) names where the secret lives, which is what
         // someone checking the configuration wants to see; the value itself never shows.
-        let value = if is_secret(id) && !(values.len() == 1 && crate::secret::is_reference(&values[0])) {
+        let value = if is_secret(arg) && !(values.len() == 1 && crate::secret::is_reference(&values[0])) {
             "\"***\"".to_string()
         } else if !arg.get_action().takes_values() {
             matches.get_flag(id).to_string()

@@ -456,7 +456,8 @@ async fn put(args: &PutArgs) -> anyhow::Result<()> {
     let mut target = SinkConfig::parse(&args.to).map_err(Error::from)?;
     args.sftp.apply(&mut target).map_err(Error::from)?;
     let options = TargetOptions { create_dirs: args.create_dirs, partial_suffix: args.partial_suffix.clone() };
-    let target = target.with_secrets(&Default::default()).await.map_err(Error::from)?;
+    let secret_manager = bq2sftp::secret::SecretManagerOptions::from_env().map_err(Error::from)?;
+    let target = target.with_secrets(&secret_manager).await.map_err(Error::from)?;
     let sink = target.build(&options).map_err(Error::from)?;
     sink.check().await.map_err(Error::from)?;
     let mode = if args.overwrite { PutMode::Overwrite } else { PutMode::Create };

@@ -103,10 +103,11 @@ impl PlanFile {
 pub fn given_flags(matches: &clap::ArgMatches) -> serde_json::Map<String, serde_json::Value> {
     let command = crate::jobfile::export_command();
     let mut out = serde_json::Map::new();
-    for arg in command.get_arguments() {
+    for arg in crate::jobfile::export_flags(&command) {
         let id = arg.get_id().as_str();
         let Some(long) = arg.get_long() else { continue };
-        if crate::jobfile::is_secret(id) || matches!(long, "plan" | "shard" | "shard-count" | "print-config" | "resume")
+        if crate::jobfile::is_secret(arg)
+            || matches!(long, "plan" | "shard" | "shard-count" | "print-config" | "resume")
         {
             continue;
         }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde::Deserialize;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::ConfigError;
 use crate::read::bigquery::auth::{AuthError, AuthOptions, SCOPE_CLOUD_PLATFORM, TokenProvider};
@@ -153,15 +153,38 @@ pub struct SecretManagerOptions {
     pub auth: AuthOptions,
 }
 
-impl Default for SecretManagerOptions {
-    fn default() -> Self {
-        SecretManagerOptions {
-            endpoint: std::env::var("BQ2SFTP_SECRET_MANAGER_ENDPOINT")
-                .ok()
-                .filter(|e| !e.is_empty())
-                .unwrap_or_else(|| DEFAULT_SECRET_MANAGER_ENDPOINT.to_string()),
-            auth: AuthOptions::default(),
+impl SecretManagerOptions {
+    /// Checks `endpoint`: a URL, and https unless it is on this machine (the request carries
+    /// an access token).
+    pub fn new(endpoint: impl Into<String>, auth: AuthOptions) -> Result<Self, ConfigError> {
+        let endpoint = endpoint.into();
+        let what = || format!("--secret-manager-endpoint {endpoint}");
+        let url = url::Url::parse(&endpoint).map_err(|_| ConfigError::invalid(what(), "not a URL"))?;
+        let loopback = match url.host() {
+            Some(url::Host::Domain(d)) => d == "localhost",
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        };
+        match url.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            "http" => {
+                return Err(ConfigError::invalid(what(), "would send credentials in clear text; use https://"));
+            }
+            _ => return Err(ConfigError::invalid(what(), "not an http(s) URL")),
         }
+        Ok(SecretManagerOptions { endpoint, auth })
+    }
+
+    /// Application Default Credentials and `BQ2SFTP_SECRET_MANAGER_ENDPOINT` or Google's
+    /// endpoint: for commands without Google flags (`bq2sftp put`).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let endpoint = std::env::var("BQ2SFTP_SECRET_MANAGER_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| DEFAULT_SECRET_MANAGER_ENDPOINT.to_string());
+        Self::new(endpoint, AuthOptions::default())
     }
 }
 
@@ -191,10 +214,15 @@ pub enum SecretError {
 }
 
 impl SecretError {
-    /// Authentication or permission problems (exit code 3); the rest is configuration (2) or
-    /// the service failing (also 3: the job could not obtain its credentials).
+    /// A wrong reference (not found, disabled, not text): fix the configuration (exit 2).
     pub fn is_usage(&self) -> bool {
         matches!(self, SecretError::NotFound { .. } | SecretError::Unusable { .. })
+    }
+
+    /// Transient: a corrupted payload or Secret Manager unavailable past the retries; running
+    /// again is the fix (exit 6). Credentials and permissions are exit 3.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SecretError::Corrupt { .. } | SecretError::Unavailable { .. })
     }
 }
 
@@ -206,15 +234,21 @@ struct AccessResponse {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Payload {
-    #[serde(default)]
-    data: String,
+    /// The secret, base64: wiped when dropped.
+    #[serde(default, deserialize_with = "wiped")]
+    data: Zeroizing<String>,
     /// int64 in JSON, hence a string.
     data_crc32c: Option<String>,
+}
+
+fn wiped<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
+    String::deserialize(d).map(Zeroizing::new)
 }
 
 /// A Secret Manager client that fetches each version once per run.
 pub struct SecretManager {
     endpoint: String,
+    timeout: Duration,
     http: reqwest::Client,
     tokens: TokenProvider,
     retry: RetryPolicy,
@@ -238,6 +272,7 @@ impl SecretManager {
             .unwrap_or_default();
         SecretManager {
             endpoint: options.endpoint.trim_end_matches('/').to_string(),
+            timeout: auth.http_timeout,
             retry: auth.retry.clone(),
             tokens: TokenProvider::new(auth, http.clone()),
             http,
@@ -271,10 +306,27 @@ impl SecretManager {
         let mut attempt = 0;
         let body = loop {
             attempt += 1;
-            let failure = match self.http.get(&url).bearer_auth(token.expose()).send().await {
+            let request = self.http.get(&url).bearer_auth(token.expose()).timeout(self.timeout);
+            let failure = match request.send().await {
                 Ok(resp) => {
                     let status = resp.status();
-                    let body = resp.text().await.unwrap_or_default();
+                    // The body holds the secret (base64): wiped when dropped.
+                    let body = match resp.text().await {
+                        Ok(body) => Zeroizing::new(body),
+                        Err(e) => {
+                            let failure = format!("reading the reply: {}", e.without_url());
+                            if attempt >= self.retry.max_attempts {
+                                return Err(SecretError::Unavailable {
+                                    name,
+                                    endpoint: self.endpoint.clone(),
+                                    message: format!("{failure} (after {attempt} attempts)"),
+                                });
+                            }
+                            tracing::debug!(secret = %name, attempt, "Secret Manager request failed, retrying: {failure}");
+                            tokio::time::sleep(self.retry.backoff(attempt)).await;
+                            continue;
+                        }
+                    };
                     if status.is_success() {
                         break body;
                     }

@@ -213,6 +213,10 @@ async fn a_traced_export_with_secrets_from_secret_manager_leaks_none_of_them() {
     assert!(!g.tokens.issued.lock().unwrap().is_empty());
     // A line from the middle of the service-account private key.
     secrets.push(g.private_pem.lines().nth(5).unwrap().to_string());
+    // The secrets as Secret Manager sends them (base64, with and without a trailing newline).
+    use base64::Engine;
+    let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
+    secrets.extend([b64(sshd::PASSWORD), b64(&format!("{PASSPHRASE}\n")), b64(PASSPHRASE)]);
     let mut places: Vec<(String, Vec<u8>)> = vec![
         ("stdout".into(), out.stdout.clone()),
         ("stderr".into(), out.stderr.clone()),
@@ -244,6 +248,7 @@ async fn a_traced_export_with_secrets_from_secret_manager_leaks_none_of_them() {
     let printed = text(&printed);
     assert!(printed.contains("sftp-password = \"gcp-secret:projects/p/secrets/sftp-password\""), "{printed}");
     assert!(printed.contains("identity-passphrase = \"env:KEY_PASSPHRASE_REF\""), "{printed}");
+    assert!(printed.contains("secret-manager-endpoint = \"http://127.0.0.1:"), "not a secret: {printed}");
     let at = shown.iter().position(|a| *a == "--sftp-password").unwrap();
     shown.drain(at..at + 2);
     let printed = run_bin(&shown, &[passphrase_ref, ("SFTP_PASSWORD", "a-literal-password-b71")]).await;
@@ -271,6 +276,10 @@ async fn export_with_password(g: &Google, sm: &str, reference: &str) -> std::pro
         "--no-state",
         "--sftp-retries",
         "1",
+        "--read-retries",
+        "3",
+        "--retry-initial-backoff",
+        "10ms",
     ];
     run_bin(&args, &[]).await
 }
@@ -284,6 +293,7 @@ async fn secret_manager_failures_are_clear_and_never_show_the_value() {
             (version("corrupt", "latest"), Stored::Corrupt("corrupt-value-5e2a".into())),
             (version("forbidden", "latest"), Stored::Forbidden),
             (version("fine", "latest"), Stored::Value("fine-value-0b3c".into())),
+            (version("down", "latest"), Stored::Unavailable),
         ]),
         move |t| issued.lock().unwrap().iter().any(|i| i == t),
     )
@@ -291,7 +301,7 @@ async fn secret_manager_failures_are_clear_and_never_show_the_value() {
 
     let out = export_with_password(&g, &sm.endpoint, "gcp-secret:projects/p/secrets/corrupt").await;
     let err = text(&out);
-    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(out.status.code(), Some(6), "{err}");
     assert!(
         err.contains("projects/p/secrets/corrupt/versions/latest") && err.contains("arrived corrupt: its CRC32C"),
         "{err}"
@@ -307,6 +317,33 @@ async fn secret_manager_failures_are_clear_and_never_show_the_value() {
     let err = text(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("secret projects/p/secrets/missing/versions/7 not found"), "{err}");
+
+    // An outage is retried --read-retries times, then "run again" (6).
+    let out = export_with_password(&g, &sm.endpoint, "gcp-secret:projects/p/secrets/down").await;
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("Secret Manager at") && err.contains("after 3 attempts"), "{err}");
+    let tries = sm.accessed.lock().unwrap().iter().filter(|n| n.contains("/down/")).count();
+    assert_eq!(tries, 3);
+
+    // Tokens never travel in clear text to another machine, also from `put`.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let out = run_bin(
+        &[
+            "put",
+            "--to",
+            "sftp://someone@127.0.0.1:9/out",
+            "--insecure-accept-any-host-key",
+            "--sftp-password",
+            "gcp-secret:projects/p/secrets/fine",
+            file.path().to_str().unwrap(),
+        ],
+        &[("BQ2SFTP_SECRET_MANAGER_ENDPOINT", "http://secrets.example.com")],
+    )
+    .await;
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("would send credentials in clear text"), "{err}");
 
     // A malformed reference is refused before any request.
     let before = sm.accessed.lock().unwrap().len();

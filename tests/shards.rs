@@ -64,6 +64,11 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
             "--min-streams",
             "8",
             "--success-marker",
+            // The binary's global flags may follow the subcommand; they belong to this
+            // process's logger, not to the plan the shards run.
+            "-v",
+            "--log-format",
+            "text",
         ])
         .output()
         .unwrap());
@@ -72,6 +77,7 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
     let plan: serde_json::Value = serde_json::from_slice(&plan_out.stdout).unwrap();
     assert_eq!(plan["streams"].as_array().unwrap().len(), 8, "{plan}");
     assert_eq!(plan["export"]["format"], "csv");
+    assert!(plan["export"].get("log-format").is_none() && plan["export"].get("verbose").is_none(), "{plan}");
     let plan_arg = plan_path.to_str().unwrap();
     let state = |i: usize| home.path().join(format!("state-{i}.json"));
 

@@ -234,15 +234,15 @@ pub async fn run(args: &ExportArgs, on_check: impl FnMut(&Check) + Send + 'stati
 /// when one cannot be read, after failing the check and skipping the target's.
 async fn secrets(job: &crate::Job, list: &mut Checklist) -> Option<SinkConfig> {
     let SinkConfig::Sftp(cfg) = &job.target else { return Some(job.target.clone()) };
-    let references: Vec<&str> = [&cfg.password, &cfg.identity_data, &cfg.passphrase]
-        .into_iter()
-        .filter_map(|s| s.as_ref().and_then(|s| s.gcp_reference()))
-        .collect();
+    let references = cfg.gcp_references();
     if references.is_empty() {
         return Some(job.target.clone());
     }
     let shown = references.join(", ");
-    match job.target.with_secrets(&job.secret_manager).await {
+    // Like the BigQuery checks, two attempts: doctor answers in seconds, not minutes.
+    let mut options = job.secret_manager.clone();
+    options.auth.retry.max_attempts = options.auth.retry.max_attempts.min(2);
+    match job.target.with_secrets(&options).await {
         Ok(target) => {
             list.ok("secrets", format!("read from Secret Manager: {shown}"));
             Some(target)

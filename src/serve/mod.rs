@@ -119,7 +119,7 @@ pub fn load_jobs(path: &Path) -> Result<BTreeMap<String, JobSpec>, ConfigError> 
         };
         let command = jobfile::export_command();
         for key in &overridable {
-            if !command.get_arguments().any(|a| a.get_long() == Some(key.as_str())) {
+            if !jobfile::export_flags(&command).any(|a| a.get_long() == Some(key.as_str())) {
                 return Err(ConfigError::invalid(&job_what, format!("overridable key '{key}' is not an export flag")));
             }
         }

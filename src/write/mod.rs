@@ -102,15 +102,12 @@ impl SinkConfig {
         options: &crate::secret::SecretManagerOptions,
     ) -> Result<SinkConfig, crate::secret::SecretError> {
         let SinkConfig::Sftp(cfg) = self else { return Ok(self.clone()) };
-        let pending = [&cfg.password, &cfg.identity_data, &cfg.passphrase]
-            .into_iter()
-            .any(|s| s.as_ref().is_some_and(|s| s.gcp_reference().is_some()));
-        if !pending {
+        if cfg.gcp_references().is_empty() {
             return Ok(self.clone());
         }
         let manager = crate::secret::SecretManager::new(options);
         let mut cfg = cfg.clone();
-        for slot in [&mut cfg.password, &mut cfg.identity_data, &mut cfg.passphrase] {
+        for slot in cfg.secrets_mut() {
             if let Some(value) = slot.as_ref() {
                 *slot = Some(manager.resolve(value).await?);
             }

@@ -21,6 +21,8 @@ pub enum Stored {
     Corrupt(String),
     /// Answers 403 PERMISSION_DENIED.
     Forbidden,
+    /// Answers 503 UNAVAILABLE, as during an outage.
+    Unavailable,
 }
 
 pub struct SecretManagerServer {
@@ -65,6 +67,13 @@ async fn access(State(s): State<St>, Path(rest): Path<String>, headers: HeaderMa
                 &format!(
                     "Permission 'secretmanager.versions.access' denied for resource '{name}' (or it may not exist)."
                 ),
+            );
+        }
+        Some(Stored::Unavailable) => {
+            return google_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "The service is currently unavailable.",
             );
         }
         None => {

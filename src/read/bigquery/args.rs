@@ -242,21 +242,15 @@ impl BigQueryArgs {
         })
     }
 
-    /// Where `gcp-secret:` references are fetched, with the same credentials as BigQuery.
+    /// Where `gcp-secret:` references are fetched, with the same credentials as BigQuery but
+    /// without `--impersonate-subject`: domain-wide delegation is granted for BigQuery's scopes,
+    /// and the secrets belong to the service account, not to the Workspace user.
     pub fn secret_manager(&self) -> Result<SecretManagerOptions, ConfigError> {
         let endpoint = self.secret_manager_endpoint.clone().unwrap_or_else(|| DEFAULT_SECRET_MANAGER_ENDPOINT.into());
-        if url::Url::parse(&endpoint).is_err() {
-            return Err(ConfigError::invalid(format!("--secret-manager-endpoint {endpoint}"), "not a URL"));
-        }
-        if endpoint.starts_with("http://") && !is_loopback_url(&endpoint) {
-            return Err(ConfigError::invalid(
-                format!("--secret-manager-endpoint {endpoint}"),
-                "would send credentials in clear text; use https://",
-            ));
-        }
         let mut auth = self.google_auth();
+        auth.subject = None;
         auth.retry = self.retry_policy()?;
-        Ok(SecretManagerOptions { endpoint, auth })
+        SecretManagerOptions::new(endpoint, auth)
     }
 
     /// Builds the source from `--from` (any scheme) or `--query`/`--query-file`, applying the

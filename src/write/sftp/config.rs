@@ -150,6 +150,19 @@ impl SftpConfig {
     }
 
     /// Checks that the target is complete and consistent. No I/O.
+    /// Every secret this configuration holds (the one list to extend with a new secret field).
+    pub fn secrets_mut(&mut self) -> [&mut Option<Secret>; 3] {
+        [&mut self.password, &mut self.identity_data, &mut self.passphrase]
+    }
+
+    /// The Secret Manager versions still to fetch (`gcp-secret:` references).
+    pub fn gcp_references(&self) -> Vec<&str> {
+        [&self.password, &self.identity_data, &self.passphrase]
+            .into_iter()
+            .filter_map(|s| s.as_ref().and_then(Secret::gcp_reference))
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let what = || format!("--to {}", self.describe());
         if self.host.is_empty() {
