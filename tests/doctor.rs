@@ -40,9 +40,14 @@ impl Doctor {
 
 /// Runs `bq2sftp doctor ARGS` in the temp directory with `env` added.
 async fn doctor(args: &[&str], env: &[(&str, &str)]) -> Doctor {
+    // A clean environment: no developer SFTP_* variables, credentials or metadata server.
     let out = tokio::process::Command::new(common::bin())
         .arg("doctor")
         .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .env("GCE_METADATA_HOST", "127.0.0.1:9")
         .envs(env.iter().copied())
         .env("BQ2SFTP_LOG", "warn")
         .current_dir(std::env::temp_dir())
@@ -377,4 +382,31 @@ async fn query_mode_is_checked_with_a_dry_run() {
     assert_eq!(d.code, Some(4), "{}\n{}", d.stdout, d.stderr);
     d.assert_line("bigquery: query (dry run)", "[FAIL]", &["p:d.missing was not found", "fix: correct the SQL"]);
     emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_renames_fails_the_rename_check_and_keeps_no_probe() {
+    // internal-sftp -P denies requests by name: the probe is written, its rename refused, and
+    // the probe must still be removed.
+    let sshd = Sshd::start_with(SshdOptions {
+        extra: "Subsystem sftp internal-sftp -P rename,posix-rename@openssh.com".into(),
+        ..Default::default()
+    });
+    let mut args =
+        vec!["--from".to_string(), "synthetic://?rows=10".into(), "--to".into(), sshd.url(""), "--no-state".into()];
+    args.extend(sftp_flags(&sshd));
+    let list: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = doctor(&list, &[]).await;
+    assert_eq!(d.code, Some(3), "{}\n{}", d.stdout, d.stderr);
+    d.assert_line("sftp: writable", "[ ok ]", &["wrote and removed (the rename failed, see below)"]);
+    d.assert_line("sftp: rename", "[FAIL]", &["refused to rename", "--inplace"]);
+    assert!(probes_left(&sshd.root).is_empty(), "{:?}", common::files_in(&sshd.root));
+
+    // With --inplace no rename is needed: everything passes.
+    let mut inplace = list.clone();
+    inplace.push("--inplace");
+    let d = doctor(&inplace, &[]).await;
+    assert_eq!(d.code, Some(0), "{}\n{}", d.stdout, d.stderr);
+    d.assert_line("sftp: writable", "[ ok ]", &["wrote and removed sftp://", ".bq2sftp-doctor-"]);
+    assert!(probes_left(&sshd.root).is_empty(), "{:?}", common::files_in(&sshd.root));
 }

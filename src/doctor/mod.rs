@@ -26,7 +26,8 @@ use crate::read::SourceConfig;
 use crate::write::{SinkConfig, TargetOptions};
 
 /// `bq2sftp doctor [JOB.toml] [FLAGS]`: a job file as for `run` and/or the export flags.
-#[derive(Debug, Clone, clap::Args)]
+/// Not `Debug`: the raw flags may hold a password as typed.
+#[derive(Clone, clap::Args)]
 pub struct DoctorArgs {
     /// A job file (as `bq2sftp run` takes) followed by export flags that override it, or
     /// the export flags alone (`bq2sftp export --help` lists them).
@@ -354,11 +355,12 @@ fn local_dir(path: &Path, options: &TargetOptions, list: &mut Checklist) {
         }
     }
     let probe = path.join(probe_name());
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, PROBE_CONTENT));
+    let written = std::fs::OpenOptions::new().write(true).create_new(true).open(&probe).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, PROBE_CONTENT).inspect_err(|_| {
+            // Created but not written (disk full, quota): leave nothing behind.
+            let _ = std::fs::remove_file(&probe);
+        })
+    });
     match written {
         Ok(()) => match std::fs::remove_file(&probe) {
             Ok(()) => steps.ok(format!("wrote and removed {}", probe.display())),

@@ -340,13 +340,25 @@ async fn directory(conn: &Conn, cfg: &SftpConfig, target: &TargetOptions, timeou
     let renamed = if cfg.inplace { None } else { Some(bounded(timeout, sftp.rename(&probe, &renamed_to)).await) };
     let left = if matches!(renamed, Some(Ok(()))) { &renamed_to } else { &probe };
     if let Err(e) = bounded(timeout, sftp.remove(left)).await {
-        return steps.fail(
-            format!("wrote {} but cannot remove it ({e})", shown(cfg, left)),
-            "remove the probe file by hand; the export needs to remove its partial files on failure",
-            if is_permission(&e) { exit::AUTH } else { exit::TARGET },
-        );
+        // A rename whose answer was lost may have happened after all: try the other name.
+        let other = if left == &probe { &renamed_to } else { &probe };
+        if renamed.is_some() && bounded(timeout, sftp.remove(other)).await.is_ok() {
+            steps.ok(format!("wrote and removed {}", shown(cfg, other)));
+        } else {
+            return steps.fail(
+                format!("wrote {} but cannot remove it ({e})", shown(cfg, left)),
+                "remove the probe file by hand; the export needs to remove its partial files on failure",
+                if is_permission(&e) { exit::AUTH } else { exit::TARGET },
+            );
+        }
+    } else {
+        let what = match &renamed {
+            None => "wrote and removed",
+            Some(Ok(())) => "wrote, renamed and removed",
+            Some(Err(_)) => "wrote and removed (the rename failed, see below)",
+        };
+        steps.ok(format!("{what} {}", shown(cfg, &probe)));
     }
-    steps.ok(format!("wrote, renamed and removed {}", shown(cfg, &probe)));
 
     let posix = sftp.has_extension(ext::POSIX_RENAME);
     match renamed {

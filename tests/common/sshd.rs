@@ -171,11 +171,13 @@ impl Sshd {
             let config = format!(
                 "{extra}\nPort {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPubkeyAuthentication yes\n{auth}\
-                 PermitRootLogin yes\nUseDNS no\nSubsystem sftp internal-sftp\nMaxStartups 200\n\
+                 PermitRootLogin yes\nUseDNS no\n{subsystem}MaxStartups 200\n\
                  MaxSessions 64\nMaxAuthTries 10\nLogLevel VERBOSE\n",
                 host = host_key.display(),
                 d = d.display(),
                 extra = opts.extra,
+                // sshd refuses a second Subsystem line: the extra lines may bring their own.
+                subsystem = if opts.extra.contains("Subsystem sftp") { "" } else { "Subsystem sftp internal-sftp\n" },
             );
             let config_path = d.join("sshd_config");
             std::fs::write(&config_path, config).expect("sshd_config");

@@ -159,6 +159,8 @@ impl russh::client::Handler for Client {
 pub struct Handshake {
     ssh: Handle<Client>,
     kill: CancellationToken,
+    /// Closes the connection when the handshake is dropped rather than made a [`Conn`].
+    close_on_drop: tokio_util::sync::DropGuard,
 }
 
 /// One open SSH connection with its SFTP session.
@@ -236,7 +238,7 @@ impl Dialer {
     fn key_source(&self) -> String {
         match &self.cfg.identity {
             Some(path) => path.display().to_string(),
-            None => "from SFTP_PRIVATE_KEY".to_string(),
+            None => "given by --sftp-key-data or SFTP_PRIVATE_KEY".to_string(),
         }
     }
 
@@ -381,11 +383,14 @@ impl Dialer {
         let _ = socket.set_nodelay(true);
         let kill = CancellationToken::new();
         let stream = Killable::new(socket, kill.clone());
+        // Doctor bounds this with a timeout: dropping the future (or the handshake) closes the
+        // socket.
+        let close_on_drop = kill.clone().drop_guard();
         let (client, seen) = self.client();
         let connected = russh::client::connect_stream(Arc::new(self.ssh_config()), stream, client).await;
         let shown = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let result = match connected {
-            Ok(ssh) => Ok(Handshake { ssh, kill }),
+            Ok(ssh) => Ok(Handshake { ssh, kill, close_on_drop }),
             Err(e) => {
                 kill.cancel();
                 Err(self.failure_error(self.handshake_failure(shown.verdict.clone(), e)))
@@ -402,7 +407,9 @@ impl Dialer {
 
     /// Starts the SFTP subsystem on a logged-in [`Handshake`]: the connection export would use.
     pub async fn open_sftp(&self, handshake: Handshake) -> Result<Conn, WriteError> {
-        let Handshake { ssh, kill } = handshake;
+        let Handshake { ssh, kill, close_on_drop } = handshake;
+        // The connection moves into the `Conn`, whose own drop closes it.
+        close_on_drop.disarm();
         let opened = async {
             let channel = ssh.channel_open_session().await.map_err(|e| format!("cannot open a channel: {e}"))?;
             Session::start(channel).await
@@ -579,7 +586,7 @@ fn load_key(cfg: &SftpConfig, path: &Path) -> Result<PrivateKey, WriteError> {
 }
 
 fn decode_key(cfg: &SftpConfig, text: &Secret) -> Result<PrivateKey, WriteError> {
-    decode(cfg, text.expose(), "from SFTP_PRIVATE_KEY")
+    decode(cfg, text.expose(), "given by --sftp-key-data or SFTP_PRIVATE_KEY")
 }
 
 fn decode(cfg: &SftpConfig, text: &str, source: &str) -> Result<PrivateKey, WriteError> {
