@@ -125,6 +125,12 @@ impl Sshd {
     /// needs root (CI and scripts/test.sh run as root); otherwise the test says so and skips.
     pub fn with_password_user(opts: SshdOptions) -> Option<Sshd> {
         if !is_root() {
+            // scripts/test.sh sets this when it runs as root (as CI does): there a skip would
+            // hide a test that should have run.
+            assert!(
+                std::env::var_os("BQ2SFTP_REQUIRE_ROOT_TESTS").is_none(),
+                "BQ2SFTP_REQUIRE_ROOT_TESTS is set but the tests do not run as root"
+            );
             eprintln!(
                 "SKIPPED: this test needs root to create the account {PASSWORD_USER}; run scripts/test.sh as root"
             );
