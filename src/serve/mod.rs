@@ -82,12 +82,22 @@ pub struct ServeArgs {
 }
 
 /// One configured job.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JobSpec {
     /// The job's export flags.
     pub table: toml::Table,
     /// Keys (dashed form) a request may set.
     pub overridable: BTreeSet<String>,
+}
+
+/// Keys only: the table may hold a password as written in the jobs file.
+impl std::fmt::Debug for JobSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobSpec")
+            .field("keys", &self.table.keys().collect::<Vec<_>>())
+            .field("overridable", &self.overridable)
+            .finish()
+    }
 }
 
 /// Reads and validates a jobs file.
@@ -444,5 +454,19 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else {
         (StatusCode::OK, "ok").into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_spec_prints_its_keys_not_its_values() {
+        let table: toml::Table = toml::from_str("to = \"sftp://u@h/d\"\nsftp_password = \"hunter2-9f\"\n").unwrap();
+        let spec = JobSpec { table, overridable: BTreeSet::from(["where".to_string()]) };
+        let shown = format!("{spec:?}");
+        assert!(shown.contains("sftp_password") && shown.contains("where"), "{shown}");
+        assert!(!shown.contains("hunter2-9f") && !shown.contains("sftp://u@h/d"), "{shown}");
     }
 }
