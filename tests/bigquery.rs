@@ -517,24 +517,6 @@ async fn resource_exhausted_is_retried_only_with_retry_info() {
     assert_eq!(err.exit_code(), 4);
 }
 
-/// Runs the binary with a clean environment: no Google variables, HOME in a temp dir (no
-/// gcloud file) and the metadata host on a closed loopback port unless `env` says otherwise.
-async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let home = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(common::bin());
-    cmd.args(args)
-        .current_dir(home.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("GCE_METADATA_HOST", "127.0.0.1:9")
-        .env("BQ2SFTP_LOG", "warn");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().await.expect("the binary runs")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_session_is_a_clear_error_with_exit_code_6() {
     let dir = tables();
@@ -542,7 +524,7 @@ async fn expired_session_is_a_clear_error_with_exit_code_6() {
     emu.set_faults(Faults { expire_after: Some(2), ..Default::default() });
     let out_dir = tempfile::tempdir().unwrap();
     let to = format!("dir://{}", out_dir.path().display());
-    let out = run_bin(
+    let out = common::run_clean(
         &["export", "--from", "bq://p.d.flat", "--to", &to, "--max-streams", "1"],
         &[("BIGQUERY_EMULATOR_HOST", &emu.host_port())],
     )
@@ -558,7 +540,7 @@ async fn missing_or_invalid_token_is_exit_code_3() {
     let dir = tables();
     let emu = start_emulator(dir.path(), |c| c.auth = AuthCheck::AnyBearer).await;
     // The emulator convention sends no credentials: this emulator wants some.
-    let out = run_bin(
+    let out = common::run_clean(
         &["export", "--from", "bq://p.d.flat", "--to", "null:"],
         &[("BIGQUERY_EMULATOR_HOST", &emu.host_port())],
     )
@@ -582,7 +564,7 @@ async fn missing_or_invalid_token_is_exit_code_3() {
     let key_file = tmp.path().join("key.json");
     std::fs::write(&key_file, service_account_json(&key, "sa@p.iam.gserviceaccount.com", &tokens.url)).unwrap();
     let endpoint = format!("http://{}", picky.host_port());
-    let out = run_bin(
+    let out = common::run_clean(
         &[
             "export",
             "--from",
@@ -659,7 +641,7 @@ async fn service_account_export(
         args.extend(["--credentials", key_file.to_str().unwrap()]);
         vec![]
     };
-    let result = run_bin(&args, &env).await;
+    let result = common::run_clean(&args, &env).await;
     assert_eq!(result.status.code(), Some(0), "{}", String::from_utf8_lossy(&result.stderr));
     assert_eq!(csv_rows(out.path()).1.len(), ROWS as usize);
     assert_eq!(tokens.refused.load(Ordering::Relaxed), 0, "every JWT verified");
@@ -704,7 +686,7 @@ async fn service_account_impersonation_through_iam_credentials() {
     let key_file = tmp.path().join("key.json");
     std::fs::write(&key_file, service_account_json(&key, source, &tokens.url)).unwrap();
     let endpoint = format!("http://{}", emu.host_port());
-    let out = run_bin(
+    let out = common::run_clean(
         &[
             "export",
             "--from",
@@ -739,7 +721,7 @@ async fn metadata_server_credentials() {
     let endpoint = format!("http://{}", emu.host_port());
     // Application Default Credentials: no GOOGLE_APPLICATION_CREDENTIALS, no gcloud file, so
     // the metadata server named by GCE_METADATA_HOST.
-    let out = run_bin(
+    let out = common::run_clean(
         &[
             "export",
             "--from",
@@ -760,7 +742,7 @@ async fn metadata_server_credentials() {
     assert_eq!(meta.scopes.lock().unwrap()[0], SCOPE_BIGQUERY);
 
     // No credentials anywhere: a clear error naming what was tried, exit code 3.
-    let out = run_bin(
+    let out = common::run_clean(
         &[
             "export",
             "--from",
@@ -824,7 +806,7 @@ async fn plan_only_prints_the_plan_and_reads_nothing() {
     let dir = tables();
     let emu = emulator(dir.path()).await;
     let host = emu.host_port();
-    let out = run_bin(
+    let out = common::run_clean(
         &["export", "--from", "bq://p.d.t", "--to", "null:", "--plan-only", "--min-streams", "2"],
         &[("BIGQUERY_EMULATOR_HOST", &host)],
     )
@@ -836,7 +818,7 @@ async fn plan_only_prints_the_plan_and_reads_nothing() {
     assert!(stdout.contains("streams: 2"), "{stdout}");
     assert_eq!(emu.stats().read_rows_calls.load(Ordering::Relaxed), 0, "nothing read");
 
-    let out = run_bin(
+    let out = common::run_clean(
         &["export", "--query", "SELECT id FROM p.d.t", "--project", "p", "--to", "null:", "--plan-only"],
         &[("BIGQUERY_EMULATOR_HOST", &host)],
     )
@@ -886,7 +868,7 @@ async fn emulator_process_serves_what_the_reader_exports_exactly_also_with_fault
         };
         let out = tempfile::tempdir().unwrap();
         let to = format!("dir://{}", out.path().display());
-        let run = run_bin(
+        let run = common::run_clean(
             &["export", "--from", "bq://p.d.flat", "--to", &to, "--format", "csv", "--retry-initial-backoff", "1ms"],
             &[("BIGQUERY_EMULATOR_HOST", &host)],
         )

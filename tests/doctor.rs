@@ -40,20 +40,9 @@ impl Doctor {
 
 /// Runs `bq2sftp doctor ARGS` in the temp directory with `env` added.
 async fn doctor(args: &[&str], env: &[(&str, &str)]) -> Doctor {
-    // A clean environment: no developer SFTP_* variables, credentials or metadata server.
-    let out = tokio::process::Command::new(common::bin())
-        .arg("doctor")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", std::env::temp_dir())
-        .env("GCE_METADATA_HOST", "127.0.0.1:9")
-        .envs(env.iter().copied())
-        .env("BQ2SFTP_LOG", "warn")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .await
-        .expect("the binary runs");
+    let mut full = vec!["doctor"];
+    full.extend_from_slice(args);
+    let out = common::run_clean(&full, env).await;
     Doctor {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

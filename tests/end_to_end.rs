@@ -16,7 +16,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -84,19 +84,6 @@ fn sftp_flags(sshd: &Sshd) -> Vec<String> {
         sshd.known_hosts.display().to_string(),
         "--no-agent".into(),
     ]
-}
-
-/// The binary with a clean environment: the emulator is the only BigQuery there is.
-fn cmd(home: &Path, emulator: &str) -> Command {
-    let mut c = Command::new(bin());
-    c.current_dir(home)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("GCE_METADATA_HOST", "127.0.0.1:9")
-        .env("BIGQUERY_EMULATOR_HOST", emulator)
-        .env("BQ2SFTP_LOG", "warn");
-    c
 }
 
 fn ok(out: std::process::Output) -> std::process::Output {
@@ -309,13 +296,8 @@ async fn sftp_export_killed_mid_run_resumes_with_every_row_once() {
     args.extend(["--host-key-fingerprint".to_string(), sshd.fingerprint.clone()]);
 
     let log = home.path().join("first.log");
-    let mut first = Command::new(bin())
+    let mut first = common::clean_command(home.path())
         .args(&args)
-        .current_dir(home.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("BQ2SFTP_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -356,16 +338,7 @@ async fn sftp_export_killed_mid_run_resumes_with_every_row_once() {
     throttle.throttled.store(false, Ordering::Relaxed);
     let mut resumed = args.clone();
     resumed.push("--resume".into());
-    let out = Command::new(bin())
-        .args(&resumed)
-        .current_dir(home.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("BQ2SFTP_LOG", "warn")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
+    let out = common::clean_command(home.path()).args(&resumed).stdout(Stdio::null()).output().unwrap();
     ok(out);
 
     let after: Vec<_> = committed.iter().map(|n| identity(n)).collect();
@@ -405,7 +378,7 @@ async fn finalize_over_sftp_waits_for_every_shard_then_writes_the_manifest() {
     let home = tempfile::tempdir().unwrap();
     let sftp = sftp_flags(&sshd);
 
-    let plan_out = ok(cmd(home.path(), &host)
+    let plan_out = ok(common::emulator_command(home.path(), &host)
         .args(["plan", "--from", "bq://p.d.t", "--to", &url, "--format", "csv", "--compression", "zstd"])
         .args(["--max-file-rows", "5000", "--min-streams", "4", "--success-marker", "--create-dirs"])
         .args(&sftp)
@@ -419,14 +392,14 @@ async fn finalize_over_sftp_waits_for_every_shard_then_writes_the_manifest() {
     let plan_arg = plan_path.to_str().unwrap();
     let shard = |i: usize| {
         let state = home.path().join(format!("state-{i}.json"));
-        cmd(home.path(), &host)
+        common::emulator_command(home.path(), &host)
             .args(["export", "--plan", plan_arg, "--shard", &format!("{i}/2"), "--state-file"])
             .arg(state)
             .output()
             .unwrap()
     };
     let finalize = || {
-        cmd(home.path(), &host)
+        common::emulator_command(home.path(), &host)
             .args(["finalize", "--plan", plan_arg, "--shard-count", "2", "--to", &url])
             .args(&sftp)
             .output()

@@ -20,23 +20,6 @@ const EMAIL: &str = "exporter@p.iam.gserviceaccount.com";
 const PASSPHRASE: &str = "passphrase-9c41-of-the-encrypted-key";
 const ROWS: u64 = 3000;
 
-/// Runs the binary with a clean environment (no ADC, no metadata server) plus `env`.
-async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let home = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(common::bin());
-    cmd.args(args)
-        .current_dir(home.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("GCE_METADATA_HOST", "127.0.0.1:9")
-        .env("BQ2SFTP_LOG", "warn");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().await.expect("the binary runs")
-}
-
 /// Google's pieces: a key file for `EMAIL` whose JWTs a local token endpoint verifies.
 struct Google {
     _dir: tempfile::TempDir,
@@ -177,14 +160,14 @@ async fn a_traced_export_with_secrets_from_secret_manager_leaks_none_of_them() {
     let endpoint = format!("http://{}", emu.host_port());
     let args = traced_args(&g, &sshd, &sm.endpoint, &key, &endpoint, "out", work.path());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_bin(&args, &env).await;
+    let out = common::run_clean(&args, &env).await;
     let output = text(&out);
     assert_eq!(out.status.code(), Some(0), "{}", &output[output.len().saturating_sub(4000)..]);
 
     let cut_endpoint = format!("http://{}", expiring.host_port());
     let cut_args = traced_args(&g, &sshd, &sm.endpoint, &key, &cut_endpoint, "cut", work.path());
     let cut_args: Vec<&str> = cut_args.iter().map(String::as_str).collect();
-    let cut = run_bin(&cut_args, &env).await;
+    let cut = common::run_clean(&cut_args, &env).await;
     let cut_output = text(&cut);
     assert_eq!(cut.status.code(), Some(6), "{}", &cut_output[cut_output.len().saturating_sub(4000)..]);
     assert!(cut_output.contains("expired"), "{}", &cut_output[cut_output.len().saturating_sub(2000)..]);
@@ -243,7 +226,7 @@ async fn a_traced_export_with_secrets_from_secret_manager_leaks_none_of_them() {
     // --print-config shows where each secret comes from, never a value.
     let mut shown = args.to_vec();
     shown.push("--print-config");
-    let printed = run_bin(&shown, &[passphrase_ref]).await;
+    let printed = common::run_clean(&shown, &[passphrase_ref]).await;
     assert_eq!(printed.status.code(), Some(0), "{}", text(&printed));
     let printed = text(&printed);
     assert!(printed.contains("sftp-password = \"gcp-secret:projects/p/secrets/sftp-password\""), "{printed}");
@@ -251,7 +234,7 @@ async fn a_traced_export_with_secrets_from_secret_manager_leaks_none_of_them() {
     assert!(printed.contains("secret-manager-endpoint = \"http://127.0.0.1:"), "not a secret: {printed}");
     let at = shown.iter().position(|a| *a == "--sftp-password").unwrap();
     shown.drain(at..at + 2);
-    let printed = run_bin(&shown, &[passphrase_ref, ("SFTP_PASSWORD", "a-literal-password-b71")]).await;
+    let printed = common::run_clean(&shown, &[passphrase_ref, ("SFTP_PASSWORD", "a-literal-password-b71")]).await;
     let printed = text(&printed);
     assert!(printed.contains("sftp-password = \"***\"  # environment"), "{printed}");
     assert!(!printed.contains("a-literal-password-b71"));
@@ -281,7 +264,7 @@ async fn export_with_password(g: &Google, sm: &str, reference: &str) -> std::pro
         "--retry-initial-backoff",
         "10ms",
     ];
-    run_bin(&args, &[]).await
+    common::run_clean(&args, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,7 +311,7 @@ async fn secret_manager_failures_are_clear_and_never_show_the_value() {
 
     // Tokens never travel in clear text to another machine, also from `put`.
     let file = tempfile::NamedTempFile::new().unwrap();
-    let out = run_bin(
+    let out = common::run_clean(
         &[
             "put",
             "--to",
@@ -354,7 +337,7 @@ async fn secret_manager_failures_are_clear_and_never_show_the_value() {
     assert_eq!(sm.accessed.lock().unwrap().len(), before);
 
     // Without Google credentials the fix is named.
-    let out = run_bin(
+    let out = common::run_clean(
         &[
             "export",
             "--from",
@@ -394,7 +377,7 @@ async fn secret_manager_failures_are_clear_and_never_show_the_value() {
                 reference,
                 "--insecure-accept-any-host-key",
             ];
-            run_bin(&args, &[]).await
+            common::run_clean(&args, &[]).await
         }
     };
     let out = doctor("gcp-secret:projects/p/secrets/forbidden").await;

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bq2sftp::emulator::Faults;
@@ -14,19 +13,6 @@ use common::google::{start_emulator, write_table};
 use common::*;
 
 const ROWS: u64 = 240_000;
-
-/// The binary with a clean environment pointed at the emulator (nothing else is reachable).
-fn cmd(home: &Path, emulator: &str) -> Command {
-    let mut c = Command::new(bin());
-    c.current_dir(home)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("GCE_METADATA_HOST", "127.0.0.1:9")
-        .env("BIGQUERY_EMULATOR_HOST", emulator)
-        .env("BQ2SFTP_LOG", "warn");
-    c
-}
 
 fn ok(out: std::process::Output) -> std::process::Output {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -52,7 +38,7 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
     let out = home.path().join("out");
     std::fs::create_dir(&out).unwrap();
 
-    let plan_out = ok(cmd(home.path(), &host)
+    let plan_out = ok(common::emulator_command(home.path(), &host)
         .args(["plan", "--from", "bq://p.d.t", "--to", &format!("dir://{}", out.display())])
         .args([
             "--format",
@@ -83,7 +69,7 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
 
     // Shard 3 (streams 3 and 7), with its index from Kubernetes' variable: killed once it has
     // committed a file.
-    let mut killed = cmd(home.path(), &host)
+    let mut killed = common::emulator_command(home.path(), &host)
         .args(["export", "--plan", plan_arg, "--shard-count", "4", "--state-file", state(3).to_str().unwrap()])
         .env("JOB_COMPLETION_INDEX", "3")
         .stderr(Stdio::null())
@@ -101,7 +87,7 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
     // The others run to the end, in parallel, as Cloud Run tasks would (index and count from env).
     let others: Vec<_> = (0..3)
         .map(|i| {
-            cmd(home.path(), &host)
+            common::emulator_command(home.path(), &host)
                 .args(["export", "--plan", plan_arg, "--state-file", state(i).to_str().unwrap()])
                 .env("CLOUD_RUN_TASK_INDEX", i.to_string())
                 .env("CLOUD_RUN_TASK_COUNT", "4")
@@ -115,8 +101,10 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
     }
 
     // Shard 3 is missing: finalize refuses, names it, and writes nothing.
-    let refused =
-        cmd(home.path(), &host).args(["finalize", "--plan", plan_arg, "--shard-count", "4"]).output().unwrap();
+    let refused = common::emulator_command(home.path(), &host)
+        .args(["finalize", "--plan", plan_arg, "--shard-count", "4"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(6), "{err}");
     assert!(err.contains("3/4") && err.contains("have not finished"), "{err}");
@@ -125,7 +113,7 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
     // A wrong target directory is a target failure (5), not "shards still running" (6), which
     // a scheduler would retry forever.
     let wrong = format!("dir://{}", out.join("no-such-dir").display());
-    let refused = cmd(home.path(), &host)
+    let refused = common::emulator_command(home.path(), &host)
         .args(["finalize", "--plan", plan_arg, "--shard-count", "4", "--to", &wrong])
         .output()
         .unwrap();
@@ -133,11 +121,14 @@ async fn four_shards_one_killed_and_resumed_write_every_row_once() {
     assert_eq!(refused.status.code(), Some(5), "{err}");
     assert!(err.contains("no-such-dir") && err.contains("does not exist"), "{err}");
 
-    ok(cmd(home.path(), &host)
+    ok(common::emulator_command(home.path(), &host)
         .args(["export", "--plan", plan_arg, "--shard", "3/4", "--resume", "--state-file", state(3).to_str().unwrap()])
         .output()
         .unwrap());
-    ok(cmd(home.path(), &host).args(["finalize", "--plan", plan_arg, "--shard-count", "4"]).output().unwrap());
+    ok(common::emulator_command(home.path(), &host)
+        .args(["finalize", "--plan", plan_arg, "--shard-count", "4"])
+        .output()
+        .unwrap());
     assert!(out.join("_SUCCESS").exists());
 
     let m = manifest(&out);

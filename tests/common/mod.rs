@@ -28,6 +28,35 @@ pub fn run(args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
+/// The binary run in `home` with a clean environment: no developer `SFTP_*` or Google
+/// variables, `HOME` there (no gcloud file, no known_hosts), the metadata host on a closed
+/// loopback port, quiet logs.
+pub fn clean_command(home: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.current_dir(home)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("GCE_METADATA_HOST", "127.0.0.1:9")
+        .env("BQ2SFTP_LOG", "warn");
+    c
+}
+
+/// [`clean_command`] with the emulator as the only BigQuery there is.
+pub fn emulator_command(home: &Path, emulator: &str) -> Command {
+    let mut c = clean_command(home);
+    c.env("BIGQUERY_EMULATOR_HOST", emulator);
+    c
+}
+
+/// Runs `bq2sftp ARGS` in a fresh temp `HOME` with a clean environment plus `env`.
+pub async fn run_clean(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let home = tempfile::tempdir().expect("temp dir");
+    let mut cmd = tokio::process::Command::from(clean_command(home.path()));
+    cmd.args(args).envs(env.iter().copied());
+    cmd.output().await.expect("the binary runs")
+}
+
 /// Names of the regular files in `dir`, sorted.
 pub fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
