@@ -34,6 +34,7 @@ use serde::Deserialize;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::ConfigError;
+use crate::read::bigquery::args::is_loopback_url;
 use crate::read::bigquery::auth::{AuthError, AuthOptions, SCOPE_CLOUD_PLATFORM, TokenProvider};
 use crate::read::bigquery::retry::RetryPolicy;
 
@@ -160,15 +161,9 @@ impl SecretManagerOptions {
         let endpoint = endpoint.into();
         let what = || format!("--secret-manager-endpoint {endpoint}");
         let url = url::Url::parse(&endpoint).map_err(|_| ConfigError::invalid(what(), "not a URL"))?;
-        let loopback = match url.host() {
-            Some(url::Host::Domain(d)) => d == "localhost",
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            None => false,
-        };
         match url.scheme() {
             "https" => {}
-            "http" if loopback => {}
+            "http" if is_loopback_url(&endpoint) => {}
             "http" => {
                 return Err(ConfigError::invalid(what(), "would send credentials in clear text; use https://"));
             }
@@ -310,33 +305,20 @@ impl SecretManager {
             let failure = match request.send().await {
                 Ok(resp) => {
                     let status = resp.status();
-                    // The body holds the secret (base64): wiped when dropped.
-                    let body = match resp.text().await {
-                        Ok(body) => Zeroizing::new(body),
-                        Err(e) => {
-                            let failure = format!("reading the reply: {}", e.without_url());
-                            if attempt >= self.retry.max_attempts {
-                                return Err(SecretError::Unavailable {
-                                    name,
-                                    endpoint: self.endpoint.clone(),
-                                    message: format!("{failure} (after {attempt} attempts)"),
-                                });
+                    match resp.text().await {
+                        // The body holds the secret (base64): wiped when dropped.
+                        Ok(body) if status.is_success() => break Zeroizing::new(body),
+                        Ok(body) => {
+                            let message = google_error_message(&body).unwrap_or_else(|| format!("HTTP {status}"));
+                            match status.as_u16() {
+                                401 | 403 => return Err(SecretError::PermissionDenied { name, message }),
+                                404 => return Err(SecretError::NotFound { name, message }),
+                                429 | 500..=599 => message,
+                                // 400 FAILED_PRECONDITION: the version is disabled or destroyed.
+                                _ => return Err(SecretError::Unusable { name, message }),
                             }
-                            tracing::debug!(secret = %name, attempt, "Secret Manager request failed, retrying: {failure}");
-                            tokio::time::sleep(self.retry.backoff(attempt)).await;
-                            continue;
                         }
-                    };
-                    if status.is_success() {
-                        break body;
-                    }
-                    let message = google_error_message(&body).unwrap_or_else(|| format!("HTTP {status}"));
-                    match status.as_u16() {
-                        401 | 403 => return Err(SecretError::PermissionDenied { name, message }),
-                        404 => return Err(SecretError::NotFound { name, message }),
-                        429 | 500..=599 => message,
-                        // 400 FAILED_PRECONDITION: the version is disabled or destroyed.
-                        _ => return Err(SecretError::Unusable { name, message }),
+                        Err(e) => format!("reading the reply: {}", e.without_url()),
                     }
                 }
                 Err(e) => e.without_url().to_string(),

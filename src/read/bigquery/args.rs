@@ -170,7 +170,7 @@ pub fn parse_duration(flag: &str, value: &str) -> Result<Duration, ConfigError> 
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn is_loopback_url(url: &str) -> bool {
+pub(crate) fn is_loopback_url(url: &str) -> bool {
     url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string)).is_some_and(|h| {
         h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) || h == "[::1]"
     })
